@@ -1,0 +1,182 @@
+"""The backend interface: what a method script needs from a model family, and nothing more.
+
+A method script (rats.py, otca.py, rtdmd.py) never knows which model it drives. It asks a Backend for
+  * initial noise of the latent shape                          noise(n, generator) -> (n, *latent_shape)
+  * a batchable condition for prompts or class labels          encode(prompts) -> Cond
+  * the velocity v = eps - x0 with guidance inside             velocity(net, x, sigma, cond, guidance)
+  * what a reward sees                                         decode(x) -> points (B,2) | images (B,3,H,W) in [0,1]
+                                                                             | videos (B,F,3,H,W) in [0,1]
+  * the family's default schedule                              sigmas(K) -> (K+1,) from 1 down to exactly 0
+  * which parameters train, and frozen or EMA copies           trainable_parameters(net), frozen_copy(net)
+  * the reference policy (the base model)                      reference(net) context manager
+
+Conventions (shared/spec/decisions.md): sigma in [0, 1], sigma = 1 is pure noise, x_sigma = (1 - sigma) x0
++ sigma eps, the network predicts v = eps - x0. The velocity is returned in float32 whatever the network's
+dtype, so that the sampler maths (common/flow.py) always runs in float32.
+
+`get_backend(name, **options)` maps `--teacher NAME` to a backend. Registered names are imported lazily so
+that `--teacher toy2d` never imports diffusers.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+
+class Cond(dict):
+    """A condition: a dict of tensors that all share the batch dimension 0, plus optional non-tensor metadata.
+
+    Tensors whose first dimension is not the batch (for example FLUX's txt_ids (L, 3)) go in `shared`, which
+    `repeat` and `select` leave alone. `prompts` keeps the text so that rewards can read it.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor] | None = None, prompts: Sequence[str] | None = None,
+                 shared: dict[str, Any] | None = None):
+        super().__init__(tensors or {})
+        self.prompts = list(prompts) if prompts is not None else None
+        self.shared = dict(shared or {})
+
+    @property
+    def batch_size(self) -> int:
+        for v in self.values():
+            if isinstance(v, torch.Tensor):
+                return v.shape[0]
+        return len(self.prompts) if self.prompts is not None else 0
+
+    def _map(self, fn_tensor, fn_list) -> "Cond":
+        out = {k: (fn_tensor(v) if isinstance(v, torch.Tensor) else v) for k, v in self.items()}
+        prompts = fn_list(self.prompts) if self.prompts is not None else None
+        return Cond(out, prompts, self.shared)
+
+    def repeat(self, g: int) -> "Cond":
+        """Repeat every sample g times, consecutively: [a, b] -> [a, a, b, b] (GRPO groups are contiguous)."""
+        return self._map(lambda t: t.repeat_interleave(g, dim=0), lambda p: [q for q in p for _ in range(g)])
+
+    def select(self, idx: torch.Tensor | slice | Sequence[int]) -> "Cond":
+        """Rows idx of every tensor (and of the prompts)."""
+        if isinstance(idx, slice):
+            return self._map(lambda t: t[idx], lambda p: p[idx])
+        idx_t = torch.as_tensor(idx, dtype=torch.long)
+        return self._map(lambda t: t[idx_t.to(t.device)], lambda p: [p[i] for i in idx_t.tolist()])
+
+    def to(self, device=None, dtype=None) -> "Cond":
+        """Move tensors; floating tensors also take dtype when given."""
+        def mv(t):
+            return t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None)
+        out = self._map(mv, lambda p: p)
+        out.shared = {k: (mv(v) if isinstance(v, torch.Tensor) else v) for k, v in self.shared.items()}
+        return out
+
+    @staticmethod
+    def cat(conds: Sequence["Cond"]) -> "Cond":
+        """Concatenate along the batch dimension (e.g. conditional and unconditional halves)."""
+        first = conds[0]
+        out = {k: torch.cat([c[k] for c in conds], 0) for k, v in first.items() if isinstance(v, torch.Tensor)}
+        prompts = None if first.prompts is None else [p for c in conds for p in c.prompts]
+        return Cond(out, prompts, first.shared)
+
+
+class Backend:
+    """Base class of every model family. Subclasses fill in the marked methods.
+
+    Attributes set by subclasses:
+      name         registry name ("toy2d", "dit", "flux", "wan", "sd3", "flux2")
+      media        "points" | "image" | "video": what decode returns and what rewards receive
+      latent_shape shape of one sample's latent, without the batch dimension
+      network      the base network (an nn.Module) that a method trains or copies
+      guidance     default guidance scale (1.0 = no CFG); FLUX.1 embeds it instead of running two passes
+      shift        default static shift of the schedule (1.0 = none); families with a dynamic shift override sigmas()
+      device, dtype  where the network lives and its parameter dtype (bf16 on GPU for the big families)
+    """
+
+    name: str = "base"
+    media: str = "points"
+    latent_shape: tuple[int, ...] = ()
+    guidance: float = 1.0
+    shift: float = 1.0
+
+    def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.network: nn.Module | None = None
+
+    # ----- to implement -------------------------------------------------------------------------------
+    def encode(self, prompts: Sequence[str] | torch.Tensor) -> Cond:
+        """Encode prompts (or class labels for the toy) once into a Cond with batch dimension len(prompts)."""
+        raise NotImplementedError(f"{type(self).__name__}.encode")
+
+    def velocity(self, net: nn.Module, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond,
+                 guidance: float | None = None) -> torch.Tensor:
+        """v(x, sigma | cond), float32, same shape as x. sigma: scalar or (B,). guidance None = self.guidance.
+
+        Classifier-free guidance (where the family uses it): v = v_u + g (v_c - v_u), computed in one batched pass.
+        """
+        raise NotImplementedError(f"{type(self).__name__}.velocity")
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents -> what a reward sees. Differentiable (no torch.no_grad inside): methods back-propagate rewards."""
+        raise NotImplementedError(f"{type(self).__name__}.decode")
+
+    # ----- defaults that most families keep -----------------------------------------------------------
+    def noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Initial noise eps ~ N(0, I) of shape (n, *latent_shape), float32, on self.device."""
+        g_device = generator.device if generator is not None else self.device
+        eps = torch.randn((n, *self.latent_shape), generator=generator, device=g_device, dtype=torch.float32)
+        return eps.to(self.device)
+
+    def sigmas(self, K: int, shift: float | None = None) -> torch.Tensor:
+        """The family's default K-step grid: (K+1,) float32 from 1 down to exactly 0, static shift."""
+        from common.flow import make_sigmas
+        return make_sigmas(K, shift=self.shift if shift is None else shift).to(self.device)
+
+    def trainable_parameters(self, net: nn.Module) -> list[nn.Parameter]:
+        """Parameters an optimiser updates (all of them, or the LoRA ones for adapter-trained families)."""
+        return [p for p in net.parameters() if p.requires_grad]
+
+    def frozen_copy(self, net: nn.Module) -> nn.Module:
+        """A deep copy with gradients off, in eval mode: the EMA teacher, the real score, the fake score's start."""
+        out = copy.deepcopy(net)
+        out.requires_grad_(False)
+        return out.eval()
+
+    @contextlib.contextmanager
+    def reference(self, net: nn.Module) -> Iterator[nn.Module]:
+        """Yield the reference (base) policy. Full fine-tuning keeps an explicit copy (set self.reference_net);
+        LoRA families override this to disable the adapter for the duration of the block."""
+        ref = getattr(self, "reference_net", None)
+        if ref is None:
+            raise RuntimeError("no reference policy: call backend.keep_reference(net) before training")
+        yield ref
+
+    def keep_reference(self, net: nn.Module) -> None:
+        """Freeze a copy of the current weights as the reference policy (full fine-tuning only)."""
+        self.reference_net = self.frozen_copy(net)
+
+    def velocity_fn(self, net: nn.Module, cond: Cond, guidance: float | None = None):
+        """Close over (net, cond, guidance): the (x, sigma) -> v callable that common.flow.rollout takes."""
+        return lambda x, sigma: self.velocity(net, x, sigma, cond, guidance)
+
+
+# ----- registry --------------------------------------------------------------------------------------------
+# name -> "module:Class"; imported on demand so that the toy never pays for diffusers' import time.
+REGISTRY: dict[str, str] = {
+    "toy2d": "toy.backend:Toy2DBackend",
+    "dit": "common.dit:DiTBackend",
+    "flux": "common.backends:FluxBackend",
+    "wan": "common.backends:WanBackend",
+    "sd3": "common.backends:SD3Backend",
+    "flux2": "common.backends:Flux2Backend",
+}
+
+
+def get_backend(name: str, **options: Any) -> Backend:
+    """Build the backend registered as `name` (an unknown name raises KeyError with the known ones)."""
+    if name not in REGISTRY:
+        raise KeyError(f"unknown backend {name!r}; choose one of {', '.join(REGISTRY)}")
+    module, cls = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)(**options)
