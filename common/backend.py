@@ -28,6 +28,15 @@ import torch
 from torch import nn
 
 
+DEFAULT_PROMPTS = {
+    "train": ["a red apple on a wooden table", "a lighthouse at dusk, oil painting", "a corgi wearing sunglasses",
+              "a bowl of ramen, studio photo", "a snowy mountain village at night", "an astronaut riding a horse",
+              "a watercolor fox in a forest", "a glass teapot with blooming tea"],
+    "eval": ["a cat sitting on a windowsill", "a futuristic city skyline at sunset", "a vase of sunflowers",
+             "a steam train crossing a bridge"],
+}
+
+
 class Cond(dict):
     """A condition: a dict of tensors that all share the batch dimension 0, plus optional non-tensor metadata.
 
@@ -123,6 +132,11 @@ class Backend:
         raise NotImplementedError(f"{type(self).__name__}.decode")
 
     # ----- defaults that most families keep -----------------------------------------------------------
+    def prompts(self, split: str = "train") -> list[str]:
+        """The built-in prompt list for smoke runs (split 'train' or 'eval'); the toy returns its class names.
+        Real prompt files (HPDv2, DrawBench, ...) are loaded by the scripts' --prompts flag instead."""
+        return list(DEFAULT_PROMPTS[split])
+
     def noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Initial noise eps ~ N(0, I) of shape (n, *latent_shape), float32, on self.device."""
         g_device = generator.device if generator is not None else self.device
