@@ -26,7 +26,7 @@ STEP_KINDS = ("euler", "flow_grpo", "dance", "cps")
 # ----------------------------------------------------------------------------------------------------------
 def shift_sigmas(t: torch.Tensor, shift: float) -> torch.Tensor:
     """Static shift map sigma = s t / (1 + (s - 1) t), elementwise; monotone, fixes 0 and 1 (SD3, Wan, DanceGRPO)."""
-    return shift * t / (1 + (shift - 1) * t)
+    return shift * t / (shift * t + (1 - t))  # = s t / (1 + (s - 1) t), written so that t = 1 maps to 1 exactly
 
 
 def unshift_sigmas(sigma: torch.Tensor, shift: float) -> torch.Tensor:
