@@ -1,0 +1,136 @@
+"""Small training helpers: seeding, AdamW, grad-norm clipping, EMA, bf16 autocast.
+
+    seed_everything(cfg.seed)                                   # python, numpy, torch (CPU and CUDA)
+    opt = make_optimizer(params, lr=1e-4, weight_decay=1e-4)    # AdamW; no decay on biases and norm scales
+    norm = clip_grad(params, max_norm=1.0)                      # total grad norm before clipping (a tensor)
+    ema = EMA(net, decay=0.995)                                 # or EMA(params, ..., shadow=teacher)
+    ema.update()                                                # after every optimizer step
+    with autocast(cfg.precision, device): ...                   # bf16 autocast, or nothing for fp32
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed python's random, numpy's global RNG and torch (every device), so one seed repeats a CPU run bit for bit.
+
+    deterministic=True also asks torch for deterministic kernels (warn_only: an op without a deterministic
+    version warns instead of failing) and turns off cuDNN autotuning; on CUDA the cuBLAS workspace variable
+    has to be set before the first cuBLAS call, which is why it is set here.
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # seeds CUDA too
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def _params(params_or_module: nn.Module | Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    if isinstance(params_or_module, nn.Module):
+        return [p for p in params_or_module.parameters() if p.requires_grad]
+    return list(params_or_module)
+
+
+def make_optimizer(params: nn.Module | Iterable[nn.Parameter], lr: float, weight_decay: float = 0.0,
+                   betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters. Weight decay only on tensors with 2+ dims (matrices, convolutions):
+    decaying biases and normalisation scales towards 0 only hurts (the nanoGPT / DiT convention)."""
+    ps = [p for p in _params(params) if p.requires_grad]
+    groups = [{"params": [p for p in ps if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in ps if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
+
+
+def clip_grad(params: nn.Module | Iterable[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+    """Clip the total L2 norm of the gradients to max_norm (None or <= 0: measure only). Returns the norm
+    before clipping, a 0-d tensor (no device sync here: log it, Run.log calls .item() once)."""
+    ps = [p for p in _params(params) if p.grad is not None]
+    if not ps:
+        return torch.zeros(())
+    if max_norm is None or max_norm <= 0:
+        return torch.nn.utils.clip_grad_norm_(ps, float("inf"))
+    return torch.nn.utils.clip_grad_norm_(ps, max_norm)
+
+
+class EMA:
+    """Exponential moving average of parameters: shadow <- decay * shadow + (1 - decay) * param.
+
+    params: a module (its trainable parameters) or a list of tensors. shadow: where the averages live; None
+    keeps float32 copies here, or pass a module / parameter list of the same shapes (e.g. the frozen teacher
+    of RATS, whose weights ARE the EMA), which saves one copy of the model. decay = 1 freezes the shadow.
+    Call update() after every optimizer step. state_dict()/load_state_dict() hold the averages and the count.
+    """
+
+    def __init__(self, params: nn.Module | Iterable[torch.Tensor], decay: float = 0.999,
+                 shadow: nn.Module | Iterable[torch.Tensor] | None = None):
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+        self.params = _params(params)
+        self.decay = decay
+        if shadow is None:
+            self.shadow = [p.detach().float().clone() for p in self.params]
+        else:
+            self.shadow = list(shadow.parameters()) if isinstance(shadow, nn.Module) else list(shadow)
+            if [tuple(s.shape) for s in self.shadow] != [tuple(p.shape) for p in self.params]:
+                raise ValueError("EMA shadow parameters do not match the averaged parameters in shape")
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """One EMA step. lerp_ computes s + (1 - decay)(p - s), the same average in one fused op."""
+        self.updates += 1
+        if self.decay == 1.0:
+            return
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach().to(s.dtype), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, target: nn.Module | Iterable[torch.Tensor] | None = None) -> None:
+        """Write the averages into target (default: the averaged parameters themselves, e.g. for evaluation)."""
+        dst = self.params if target is None else _params_all(target)
+        for d, s in zip(dst, self.shadow):
+            d.copy_(s.to(d.dtype))
+
+    @contextlib.contextmanager
+    def swapped(self) -> Iterator[None]:
+        """Evaluate with the EMA weights inside the block; the trained weights come back afterwards."""
+        backup = [p.detach().clone() for p in self.params]
+        self.copy_to()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(self.params, backup):
+                    p.copy_(b)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates, "shadow": [s.detach().clone() for s in self.shadow]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        self.decay, self.updates = state["decay"], state["updates"]
+        for s, v in zip(self.shadow, state["shadow"]):
+            s.copy_(v)
+
+
+def _params_all(x: nn.Module | Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    return list(x.parameters()) if isinstance(x, nn.Module) else list(x)
+
+
+def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on the device's type when precision == 'bf16'; a no-op context for 'fp32'."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
