@@ -37,6 +37,10 @@ DEFAULT_PROMPTS = {
 }
 
 
+class BackendError(RuntimeError):
+    """A user-facing backend problem (bad --pretrained path, unsupported option): one line, exit status 2."""
+
+
 class Cond(dict):
     """A condition: a dict of tensors that all share the batch dimension 0, plus optional non-tensor metadata.
 
