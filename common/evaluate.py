@@ -1,0 +1,125 @@
+"""One evaluation path for the three scripts: same held-out prompts and noise for every model, every reward.
+
+    prompts, cond, noise = held_out(backend, n_per_prompt=8, seed=0)
+    rows = evaluate_models(backend, {"teacher": Sampler(teacher, backend.sigmas(50)),
+                                     "student": Sampler(student, backend.sigmas(4))}, reward, cond, noise)
+    write_table(rows, out_dir, "eval")          # eval.md (paper layout) + eval.json
+
+A row is {"model": name, "nfe": K, <objective>: mean, <objective>_std: std, ...extra metrics}. Scores are on the
+training scale; a reward may expose `table_scale` (a dict objective -> factor, e.g. HPS x100) used for tables.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from common.flow import rollout
+
+
+@dataclass
+class Sampler:
+    """A network plus how to sample it: sigmas (K+1,), step kind and noise level, guidance (None = backend default)."""
+    net: torch.nn.Module
+    sigmas: torch.Tensor
+    kind: str = "euler"
+    noise_level: float = 0.0
+    guidance: float | None = None
+
+    @property
+    def nfe(self) -> int:
+        return len(self.sigmas) - 1
+
+
+@torch.no_grad()
+def sample_final(backend, net, cond, noise: torch.Tensor, sigmas: torch.Tensor, kind: str = "euler",
+                 noise_level: float = 0.0, guidance: float | None = None,
+                 generator: torch.Generator | None = None, batch_size: int | None = None) -> torch.Tensor:
+    """Final latents (B, ...) of a rollout from `noise` under no_grad, in chunks of batch_size to bound memory."""
+    B = noise.shape[0]
+    bs = batch_size or B
+    outs = []
+    for i in range(0, B, bs):
+        c = cond.select(slice(i, i + bs))
+        tr = rollout(backend.velocity_fn(net, c, guidance), noise[i:i + bs], sigmas, kind, noise_level,
+                     generator=generator)
+        outs.append(tr.final)
+    return torch.cat(outs, 0)
+
+
+def held_out(backend, n_per_prompt: int = 8, seed: int = 0, split: str = "eval",
+             prompts: Sequence[str] | None = None):
+    """The fixed evaluation set: (prompts (B,), cond (B,), noise (B, ...)) with B = len(prompts) * n_per_prompt.
+    The noise comes from its own generator, so it is the same for every model and every call."""
+    base = list(prompts) if prompts is not None else backend.prompts(split)
+    cond = backend.encode(base).repeat(n_per_prompt)
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn((len(base) * n_per_prompt, *backend.latent_shape), generator=g).to(backend.device)
+    return cond.prompts, cond, noise
+
+
+def score_summary(reward, media: torch.Tensor, prompts: Sequence[str] | None, table: bool = False) -> dict:
+    """Mean and std of every objective (and of the weighted combination when there are several)."""
+    with torch.no_grad():
+        r = reward(media, prompts).float().cpu()                   # (B, M)
+    scales = getattr(reward, "table_scale", None) or {}
+    out = {}
+    for m, name in enumerate(reward.names):
+        col = r[:, m] * (scales.get(name, 1.0) if table else 1.0)
+        out[name] = float(col.mean())
+        out[f"{name}_std"] = float(col.std()) if len(col) > 1 else 0.0
+    if len(reward.names) > 1 and hasattr(reward, "combine"):
+        comb = reward.combine(r)
+        out["combined"] = float(comb.mean())
+    return out
+
+
+def evaluate_models(backend, samplers: dict[str, Sampler], reward, cond, noise: torch.Tensor,
+                    extra: Callable[[str, torch.Tensor, torch.Tensor], dict] | None = None,
+                    table: bool = False, seed: int = 0, batch_size: int | None = None) -> list[dict]:
+    """Sample every model from the same noise and prompts, decode, score. extra(name, latents, media) may add
+    metrics (KL and MMD on the toy, attribute frequencies on the small DiT). Returns one row per model."""
+    rows = []
+    for name, s in samplers.items():
+        g = torch.Generator().manual_seed(seed)   # the same stochastic-step noise for every model too
+        lat = sample_final(backend, s.net, cond, noise, s.sigmas, s.kind, s.noise_level, s.guidance, g, batch_size)
+        with torch.no_grad():
+            media = backend.decode(lat)
+        row = {"model": name, "nfe": s.nfe}
+        row.update(score_summary(reward, media, cond.prompts, table))
+        if extra is not None:
+            row.update(extra(name, lat, media))
+        rows.append(row)
+    return rows
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
+    """Rows as a markdown table; columns default to the union of keys in first-seen order."""
+    if columns is None:
+        columns = []
+        for r in rows:
+            columns += [k for k in r if k not in columns]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(rows: Sequence[dict], out_dir: str, name: str, columns: Sequence[str] | None = None,
+                header: str = "") -> tuple[str, str]:
+    """Write out_dir/name.md (markdown, with an optional header line such as the command) and out_dir/name.json."""
+    os.makedirs(out_dir, exist_ok=True)
+    md, js = os.path.join(out_dir, f"{name}.md"), os.path.join(out_dir, f"{name}.json")
+    with open(md, "w") as f:
+        f.write((header.rstrip() + "\n\n" if header else "") + markdown_table(rows, columns))
+    with open(js, "w") as f:
+        json.dump(list(rows), f, indent=2)
+    return md, js
