@@ -19,8 +19,10 @@ that `--teacher toy2d` never imports diffusers.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
+import functools
 import importlib
 from typing import Any, Iterator, Sequence
 
@@ -117,6 +119,23 @@ class Backend:
         self.device = torch.device(device)
         self.dtype = dtype
         self.network: nn.Module | None = None
+
+    def __init_subclass__(cls, **kw):
+        """Wrap every subclass's velocity() with a call counter: nfe[(role, with_grad)] += 1 per network call,
+        where role is the network's `nfe_role` attribute (set it to 'student', 'teacher', 'fake', ...). The
+        benchmarks read it; the cost is one dict update per call."""
+        super().__init_subclass__(**kw)
+        if "velocity" in cls.__dict__ and not getattr(cls.__dict__["velocity"], "_counted", False):
+            inner = cls.__dict__["velocity"]
+
+            @functools.wraps(inner)
+            def counted(self, net, *args, **kwargs):
+                counter = self.__dict__.setdefault("nfe", collections.Counter())
+                counter[(getattr(net, "nfe_role", type(net).__name__), torch.is_grad_enabled())] += 1
+                return inner(self, net, *args, **kwargs)
+
+            counted._counted = True
+            cls.velocity = counted
 
     # ----- to implement -------------------------------------------------------------------------------
     def encode(self, prompts: Sequence[str] | torch.Tensor) -> Cond:
