@@ -1,0 +1,390 @@
+"""Shared machinery of the diffusers families (FLUX.1, SD3, Wan, FLUX.2): loading, LoRA, text-embedding cache,
+VAE decode helpers, gradient checkpointing, FSDP2 block lists.
+
+A family adapter (flux.py, sd3.py, wan.py, flux2.py) subclasses DiffusersBackend and fills in
+  _encode_batch(prompts) -> dict of (n, ...) tensors      the pipeline's own encode_prompt, no gradients
+  velocity(net, x, sigma, cond, guidance)                  the transformer call in the family's convention
+  decode(x)                                                latents -> pixels in [0, 1], differentiable
+  _latent_shape()                                          one sample's latent shape in the chosen layout
+and the class attributes (pipeline class, hub id, LoRA targets, block classes).
+
+Design choices (documented here once):
+  * The denoising loop is the project's own (common.flow.rollout); a pipeline's __call__ is only the test
+    reference. The pipeline object is kept (self.pipe) for its encode_prompt, VAE and LoRA file format.
+  * Text embeddings are computed once per prompt (no gradients) and kept in a dict on the backend's device;
+    with offload_text_encoders (default on CUDA) the text encoders go back to the CPU after each encode, so
+    they do not hold GPU memory during training.
+  * LoRA: peft through diffusers' `add_adapter` under the adapter name "default"; the base weights are frozen.
+    reference(net) disables the adapter for the duration of the block (no copy); full fine-tuning falls back
+    to the base class's kept copy (keep_reference).
+  * frozen_copy(net) is a deep copy (the adapter, if any, comes along frozen): a teacher or fake score that
+    must not move when the policy's adapter does. A second adapter on the same module would save memory but
+    makes every enable/disable call stateful across the copies; the deep copy is the simple, safe choice.
+    For the 12B FLUX transformer that is 24 GB in bf16: methods that only need the base policy should use
+    reference(net) instead.
+  * save_lora(dir) writes the diffusers LoRA format (pytorch_lora_weights.safetensors with the adapter's
+    rank/alpha metadata), so `Pipeline.load_lora_weights(dir)` takes a trained result.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from common.backend import Backend, BackendError, Cond
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+ADAPTER = "default"
+
+
+def hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE asks the hub client never to reach the network."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def parse_dtype(dtype: Any, device: torch.device) -> torch.dtype:
+    """None -> bf16 on CUDA, float32 elsewhere; also accepts torch dtypes and 'bf16'/'fp16'/'fp32' strings."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "fp32": torch.float32, "float32": torch.float32}
+    if str(dtype) not in names:
+        raise BackendError(f"unknown dtype {dtype!r}; choose bf16, fp16 or fp32")
+    return names[str(dtype)]
+
+
+def sigma_batch(sigma: torch.Tensor | float, B: int, device: torch.device) -> torch.Tensor:
+    """sigma (scalar or (B,)) -> (B,) float32 on device."""
+    s = torch.as_tensor(sigma, dtype=torch.float32, device=device)
+    return s.expand(B).contiguous() if s.ndim == 0 else s.reshape(B)
+
+
+def cfg_combine(v_uncond: torch.Tensor, v_cond: torch.Tensor, g: float) -> torch.Tensor:
+    """Classifier-free guidance v = v_u + g (v_c - v_u) (g = 1 gives v_c); shapes equal, float32 out."""
+    v_uncond, v_cond = v_uncond.float(), v_cond.float()
+    return v_uncond + g * (v_cond - v_uncond)
+
+
+def to_unit_range(img: torch.Tensor) -> torch.Tensor:
+    """VAE output in [-1, 1] -> [0, 1] (the pipelines' postprocess: x / 2 + 1/2, clamped), float32."""
+    return (img.float() / 2 + 0.5).clamp(0, 1)
+
+
+def diffusers_models(net: nn.Module) -> list[nn.Module]:
+    """The diffusers transformers inside `net`: net itself, or the experts of a Wan2.2 TwoExperts module."""
+    experts = getattr(net, "experts", None)
+    return list(experts) if experts is not None else [net]
+
+
+def has_adapter(model: nn.Module) -> bool:
+    """True when a peft adapter is attached to this diffusers model."""
+    return bool(getattr(model, "_hf_peft_config_loaded", False)) and ADAPTER in getattr(model, "peft_config", {})
+
+
+class DiffusersBackend(Backend):
+    """Base of the four diffusers families. Constructor options (all keyword, all with defaults):
+
+    pretrained   hub id or local diffusers folder (default: the family's official hub id)
+    tiny         True: a random miniature of the family (common/backends/tiny.py), saved to a temporary folder
+                 and loaded back through the same loader; offline, CPU, well under a second per step
+    lora_rank    LoRA rank (default 32; ignored with full_finetune); lora_alpha (default = rank)
+    full_finetune  train every transformer weight instead of a LoRA adapter
+    dtype        parameter dtype: None -> bf16 on CUDA, float32 on CPU
+    device       None -> cuda if available else cpu
+    height, width, num_frames   media size in pixels / frames (family defaults)
+    guidance     guidance scale (family default); gradient_checkpointing: on the transformer blocks
+    shift        override of the schedule's shift (static); max_sequence_length: text tokens
+    offload_text_encoders   move text encoders to the CPU after encoding (default: on CUDA only)
+    negative_prompt   the unconditional prompt for true CFG (default "")
+    """
+
+    media = "image"
+    pipeline_class: str = ""                  # diffusers class name
+    default_pretrained: str = ""              # official hub id
+    download_hint: str = ""                   # what to download (gated licence etc.)
+    lora_targets: tuple[str, ...] | str = ("to_q", "to_k", "to_v", "to_out.0")   # names, or one regex
+    block_attrs: tuple[str, ...] = ("transformer_blocks",)   # attributes of the transformer listing its blocks
+    default_size: tuple[int, int] = (512, 512)
+    default_guidance: float = 1.0
+    default_max_seq: int = 512
+    default_shift: float = 1.0
+    uses_true_cfg: bool = False               # the Cond carries negative-prompt embeddings
+
+    def __init__(self, pretrained: str | None = None, tiny: bool = False, lora_rank: int = 32,
+                 lora_alpha: float | None = None, full_finetune: bool = False, dtype: Any = None,
+                 device: str | torch.device | None = None, height: int | None = None, width: int | None = None,
+                 num_frames: int | None = None, guidance: float | None = None, gradient_checkpointing: bool = False,
+                 shift: float | None = None, max_sequence_length: int | None = None,
+                 offload_text_encoders: bool | None = None, negative_prompt: str = "", seed: int = 0,
+                 **family_options: Any):
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = torch.device(device)
+        super().__init__(device=dev, dtype=parse_dtype(dtype, dev))
+        self.tiny = bool(tiny)
+        self.family_options = dict(family_options)
+        self._setup_defaults()                                  # tiny sizes, family options (hook)
+        if self.family_options:
+            raise BackendError(f"{self.name}: unknown option(s) {', '.join(self.family_options)}")
+        h, w = self.default_size
+        self.height, self.width = int(height or h), int(width or w)
+        self.num_frames = int(num_frames or getattr(self, "default_frames", 1))
+        self.guidance = float(guidance if guidance is not None else self.default_guidance)
+        self.max_sequence_length = int(max_sequence_length or self.default_max_seq)
+        self.offload_text_encoders = (dev.type == "cuda" if offload_text_encoders is None
+                                      else bool(offload_text_encoders))
+        self.negative_prompt = negative_prompt
+        self.lora_rank, self.full_finetune = int(lora_rank), bool(full_finetune)
+        self.lora_alpha = float(lora_alpha if lora_alpha is not None else lora_rank)
+        if not self.full_finetune and self.lora_rank < 1:
+            raise BackendError(f"--lora-rank must be >= 1 (got {lora_rank}); use --full-finetune to train all weights")
+        self.pretrained = pretrained or self.default_pretrained
+        self._embed_cache: dict[str, dict[str, torch.Tensor]] = {}
+
+        self.pipe = self._tiny_pipeline(seed) if self.tiny else self.load_pipeline(self.pretrained, self.dtype)
+        self._place_modules()
+        self.network = self._make_network()
+        self.network.requires_grad_(False)
+        if self.full_finetune:
+            self.network.requires_grad_(True)
+        else:
+            self.add_lora(self.network)
+        if gradient_checkpointing:
+            for m in diffusers_models(self.network):
+                m.enable_gradient_checkpointing()
+        self._check_size()
+        self.latent_shape = tuple(self._latent_shape())
+        self.shift = float(shift if shift is not None else self._default_shift())
+
+    # ----- loading ----------------------------------------------------------------------------------
+    def _setup_defaults(self) -> None:
+        """Family hook run before sizes are read (tiny defaults)."""
+
+    def _tiny_pipeline(self, seed: int):
+        """Build the tiny pipeline, save it, and load it back through load_pipeline (the production path)."""
+        from common.backends.tiny import tiny_pipeline
+        pipe = tiny_pipeline(self.name, seed=seed, **self._tiny_kwargs())
+        tmp = tempfile.mkdtemp(prefix=f"tiny-{self.name}-")
+        try:
+            pipe.save_pretrained(tmp)
+            return self.load_pipeline(tmp, self.dtype)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _tiny_kwargs(self) -> dict:
+        return {}
+
+    def load_pipeline(self, pretrained: str, dtype: torch.dtype):
+        """`<PipelineClass>.from_pretrained(pretrained, torch_dtype=dtype)`: hub id or local folder.
+
+        A missing or incomplete download raises BackendError with one line saying what to fetch and where to
+        point --pretrained; HF_HUB_OFFLINE=1 (honoured by huggingface_hub itself) makes that immediate."""
+        import diffusers
+        from diffusers.utils import logging as dlog
+        dlog.disable_progress_bar()
+        cls = getattr(diffusers, self.pipeline_class)
+        local = os.path.isdir(pretrained)
+        if not local and (os.path.sep in pretrained and not pretrained.count("/") == 1 or pretrained.startswith(".")):
+            raise BackendError(f"--pretrained {pretrained!r}: no such folder")
+        try:
+            pipe = cls.from_pretrained(pretrained, dtype=dtype)
+        except (OSError, ValueError, EnvironmentError) as e:
+            where = "the local folder" if local else ("the hub cache (HF_HUB_OFFLINE=1 is set)" if hub_offline()
+                                                      else "the hub")
+            raise BackendError(
+                f"cannot load {self.name} weights from {where} {pretrained!r} ({type(e).__name__}): download them with "
+                f"`huggingface-cli download {self.default_pretrained} --local-dir DIR`{self.download_hint} and pass "
+                f"--pretrained DIR") from None
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def _place_modules(self) -> None:
+        """Transformer(s) and VAE on the training device, frozen; text encoders wait on the CPU when offloading."""
+        for name in ("transformer", "transformer_2", "vae"):
+            m = getattr(self.pipe, name, None)
+            if m is not None:
+                m.to(self.device)
+                m.requires_grad_(False)
+        for m in self._text_encoders():
+            m.requires_grad_(False)
+            m.eval()
+            m.to("cpu" if self.offload_text_encoders else self.device)
+
+    def _text_encoders(self) -> list[nn.Module]:
+        return [getattr(self.pipe, n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")
+                if getattr(self.pipe, n, None) is not None]
+
+    def _make_network(self) -> nn.Module:
+        return self.pipe.transformer
+
+    def _default_shift(self) -> float:
+        cfg = self.pipe.scheduler.config
+        return float(cfg.get("flow_shift", None) or cfg.get("shift", None) or self.default_shift)
+
+    def _check_size(self) -> None:
+        m = self.size_multiple()
+        if self.height % m or self.width % m:
+            raise BackendError(f"{self.name}: height and width must be multiples of {m} "
+                               f"(got {self.height}x{self.width})")
+
+    def size_multiple(self) -> int:
+        return int(getattr(self.pipe, "vae_scale_factor", 8)) * 2
+
+    # ----- text embeddings --------------------------------------------------------------------------
+    def _encode_batch(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The family's text encoding of distinct prompts: name -> (n, ...) tensor (no gradients)."""
+        raise NotImplementedError(f"{type(self).__name__}._encode_batch")
+
+    @torch.no_grad()
+    def _encode_cached(self, prompts: list[str]) -> None:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._embed_cache]
+        if not missing:
+            return
+        encs = self._text_encoders()
+        if self.offload_text_encoders:
+            for m in encs:
+                m.to(self.device)
+        try:
+            out = self._encode_batch(missing)
+        finally:
+            if self.offload_text_encoders:
+                for m in encs:
+                    m.to("cpu")
+        for i, p in enumerate(missing):
+            self._embed_cache[p] = {k: v[i].detach().to(self.device) for k, v in out.items()}
+
+    def encode(self, prompts: Sequence[str]) -> Cond:
+        """Cached text embeddings of `prompts` (each computed once); with true CFG also the negative prompt's
+        embeddings under 'neg_*' keys, repeated over the batch."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        wanted = prompts + ([self.negative_prompt] if self.uses_true_cfg else [])
+        self._encode_cached(wanted)
+        keys = self._embed_cache[prompts[0]].keys()
+        tensors = {k: torch.stack([self._embed_cache[p][k] for p in prompts]) for k in keys}
+        if self.uses_true_cfg:
+            neg = self._embed_cache[self.negative_prompt]
+            for k in keys:
+                tensors["neg_" + k] = neg[k].unsqueeze(0).expand(len(prompts), *neg[k].shape).contiguous()
+        return Cond(tensors, prompts)
+
+    def clear_text_cache(self) -> None:
+        self._embed_cache.clear()
+
+    # ----- helpers for velocity ----------------------------------------------------------------------
+    def _net_dtype(self, net: nn.Module) -> torch.dtype:
+        for p in net.parameters():
+            return p.dtype
+        return self.dtype
+
+    # ----- LoRA ----------------------------------------------------------------------------------------
+    def lora_config(self):
+        from peft import LoraConfig
+        # gaussian A, zero B: the adapter starts as the identity, so the trained model starts at the base model
+        return LoraConfig(r=self.lora_rank, lora_alpha=self.lora_alpha, init_lora_weights="gaussian",
+                          target_modules=self.lora_targets if isinstance(self.lora_targets, str)
+                          else list(self.lora_targets))
+
+    def add_lora(self, net: nn.Module) -> None:
+        """Attach a fresh LoRA adapter (trainable) to every transformer in net; base weights stay frozen."""
+        for m in diffusers_models(net):
+            self._add_adapter_to(m)
+
+    def trainable_parameters(self, net: nn.Module) -> list[nn.Parameter]:
+        return [p for p in net.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def reference(self, net: nn.Module) -> Iterator[nn.Module]:
+        """The base policy: the adapter disabled for the block (LoRA), else the kept copy (full fine-tuning)."""
+        models = diffusers_models(net)
+        if not all(has_adapter(m) for m in models):
+            with super().reference(net) as ref:
+                yield ref
+            return
+        for m in models:
+            m.disable_adapters()
+        try:
+            yield net
+        finally:
+            for m in models:
+                m.enable_adapters()
+
+    def lora_state_dicts(self, net: nn.Module | None = None) -> list[dict[str, torch.Tensor]]:
+        """peft state dicts (keys without the 'transformer.' prefix), one per transformer in net."""
+        from peft.utils import get_peft_model_state_dict
+        net = self.network if net is None else net
+        return [{k: v.detach().cpu().contiguous()
+                 for k, v in get_peft_model_state_dict(m, adapter_name=ADAPTER).items()}
+                for m in diffusers_models(net)]
+
+    def save_lora(self, directory: str, net: nn.Module | None = None) -> list[str]:
+        """Write the adapter in the diffusers LoRA format: directory/pytorch_lora_weights.safetensors (and
+        directory/transformer_2/... for a Wan2.2 low-noise expert). Returns the files written."""
+        net = self.network if net is None else net
+        models = diffusers_models(net)
+        if not all(has_adapter(m) for m in models):
+            raise BackendError(f"{self.name}: no LoRA adapter to save (trained with --full-finetune?)")
+        cls = type(self.pipe)
+        files = []
+        for i, (m, sd) in enumerate(zip(models, self.lora_state_dicts(net))):
+            d = directory if i == 0 else os.path.join(directory, "transformer_2")
+            meta = m.peft_config[ADAPTER].to_dict()
+            cls.save_lora_weights(d, transformer_lora_layers=sd, safe_serialization=True,
+                                  transformer_lora_adapter_metadata=meta)
+            files.append(os.path.join(d, LORA_WEIGHT_NAME))
+        return files
+
+    def load_lora(self, directory: str, net: nn.Module | None = None) -> None:
+        """Load save_lora's files (or any diffusers-format transformer LoRA of matching targets) into net's
+        adapter, replacing its values; the adapter stays trainable."""
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+        net = self.network if net is None else net
+        models = diffusers_models(net)
+        for i, m in enumerate(models):
+            f = os.path.join(directory if i == 0 else os.path.join(directory, "transformer_2"), LORA_WEIGHT_NAME)
+            if not os.path.isfile(f):
+                raise BackendError(f"no LoRA file {f}")
+            sd = {k.removeprefix("transformer."): v for k, v in load_file(f).items()}
+            if not has_adapter(m):
+                self._add_adapter_to(m)
+            res = set_peft_model_state_dict(m, sd, adapter_name=ADAPTER)
+            unexpected = getattr(res, "unexpected_keys", None)
+            if unexpected:
+                raise BackendError(f"LoRA file {f} has {len(unexpected)} keys this {self.name} adapter lacks "
+                                   f"(e.g. {unexpected[0]}): different targets or rank")
+
+    def _add_adapter_to(self, m: nn.Module) -> None:
+        m.add_adapter(self.lora_config(), adapter_name=ADAPTER)
+        m.to(self.device)
+        for n, p in m.named_parameters():
+            if "lora_" in n:
+                # LoRA factors in float32 when the base is bf16: updates of size 1e-4 vanish in bf16
+                p.data = p.data.float()
+                p.requires_grad_(True)
+
+    # ----- distributed -------------------------------------------------------------------------------
+    def fsdp_blocks(self, network: nn.Module | None = None) -> list[nn.Module]:
+        """The FSDP2 wrap policy: the transformer blocks, each sharded on its own (then the root), for
+        common.dist.wrap_fsdp2(net, backend.fsdp_blocks(net))."""
+        net = self.network if network is None else network
+        out: list[nn.Module] = []
+        for m in diffusers_models(net):
+            for attr in self.block_attrs:
+                out.extend(getattr(m, attr, []))
+        return out
+
+    # ----- VAE ---------------------------------------------------------------------------------------
+    def _vae_decode(self, z: torch.Tensor) -> torch.Tensor:
+        """vae.decode on the VAE's device/dtype; differentiable in z."""
+        vae = self.pipe.vae
+        p = next(vae.parameters())
+        return vae.decode(z.to(p.device, p.dtype), return_dict=False)[0]

@@ -1,0 +1,252 @@
+"""The diffusers backends on their tiny random twins (offline, CPU).
+
+The reference everywhere is diffusers itself: the pipelines' own __call__ (for the same initial noise, sigmas,
+prompt embeddings and guidance), their static packing helpers, and `pipe.load_lora_weights`.
+"""
+import os
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from common.backend import BackendError, get_backend
+from common.backends import Flux2Backend, FluxBackend, SD3Backend, WanBackend
+from common.backends import flux as flux_mod
+from common.backends import flux2 as flux2_mod
+from common.backends.tiny import tiny_pipeline
+from common.flow import interpolate, rollout
+
+torch.set_num_threads(1)
+PROMPTS = ["a red cube on a table", "a cat"]
+K = 4
+BASE_T = torch.linspace(1, 0, K + 1)[:-1].tolist()       # the unshifted grid; the schedulers shift it
+
+
+def _flux_kw(be, c):
+    return dict(prompt_embeds=c["prompt_embeds"], pooled_prompt_embeds=c["pooled_prompt_embeds"],
+                guidance_scale=be.guidance)
+
+
+def _sd3_kw(be, c):
+    return dict(prompt_embeds=c["prompt_embeds"], pooled_prompt_embeds=c["pooled_prompt_embeds"],
+                negative_prompt_embeds=c["neg_prompt_embeds"],
+                negative_pooled_prompt_embeds=c["neg_pooled_prompt_embeds"], guidance_scale=be.guidance, sigmas=BASE_T)
+
+
+def _wan_kw(be, c):
+    # WanPipeline calls scheduler.set_timesteps(n) without sigmas: hand it the same base grid
+    sch = be.pipe.scheduler
+    orig = type(sch).set_timesteps.__get__(sch)
+    sch.set_timesteps = lambda n=None, device=None, **kw: orig(device=device, sigmas=BASE_T)
+    kw = dict(prompt_embeds=c["prompt_embeds"], negative_prompt_embeds=c["neg_prompt_embeds"],
+              guidance_scale=be.guidance, num_frames=be.num_frames)
+    if isinstance(be.network, torch.nn.Module) and hasattr(be.network, "experts"):
+        kw["guidance_scale_2"] = be.guidance_2
+    return kw
+
+
+def _flux2_kw(be, c):
+    return dict(prompt_embeds=c["prompt_embeds"], negative_prompt_embeds=c["neg_prompt_embeds"],
+                guidance_scale=be.guidance)
+
+
+CASES = {
+    "flux": (lambda: FluxBackend(tiny=True), _flux_kw),
+    "sd3": (lambda: SD3Backend(tiny=True), _sd3_kw),
+    "wan": (lambda: WanBackend(tiny=True), _wan_kw),
+    "wan22": (lambda: WanBackend(tiny=True, two_experts=True, guidance=4.0, guidance_2=2.0), _wan_kw),
+    "flux2": (lambda: Flux2Backend(tiny=True, guidance=3.0), _flux2_kw),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_euler_rollout_equals_pipeline(case):
+    make, pipe_kw = CASES[case]
+    be = make()
+    cond = be.encode(PROMPTS)
+    x = be.noise(2, torch.Generator().manual_seed(0))
+    assert x.shape == (2, *be.latent_shape)
+    sig = be.sigmas(K)
+    traj = rollout(be.velocity_fn(be.network, cond), x, sig)
+    with torch.no_grad():
+        out = be.pipe(latents=x.clone(), num_inference_steps=K, output_type="latent", height=be.height,
+                      width=be.width, **pipe_kw(be, cond))
+    ref = out.images if hasattr(out, "images") else out.frames
+    # the pipeline's schedule (its own shift rule) is ours
+    torch.testing.assert_close(be.pipe.scheduler.sigmas.float().cpu(), sig.cpu(), atol=1e-6, rtol=0)
+    # FLUX.2 returns de-normalised, unpatchified VAE latents; the others return the sampler's latents
+    mine = be.to_vae_latents(traj.final) if case == "flux2" else traj.final
+    assert ref.abs().max() > 0.5 and (traj.final - x).abs().max() > 0.5     # a non-trivial trajectory
+    torch.testing.assert_close(mine, ref.float(), atol=2e-5, rtol=1e-5)
+    media = be.decode(traj.final)
+    if be.media == "video":
+        assert media.shape == (2, be.num_frames, 3, be.height, be.width)
+    else:
+        assert media.shape == (2, 3, be.height, be.width)
+    assert 0 <= media.min() and media.max() <= 1
+
+
+def test_registry_and_schedules():
+    be = get_backend("flux", tiny=True)
+    assert isinstance(be, FluxBackend) and be.latent_shape == (64, 16)
+    s = be.sigmas(4)
+    assert s[0] == 1 and s[-1] == 0 and bool((s[1:] < s[:-1]).all())
+    torch.testing.assert_close(be.sigmas(4, shift=3.0)[1], torch.tensor(0.9))     # static override: 3t/(1+2t)
+    w = get_backend("wan", tiny=True)
+    assert w.shift == 5.0 and w.latent_shape == (16, 2, 4, 4)
+    torch.testing.assert_close(w.sigmas(2)[1], torch.tensor(5 * 0.5 / (1 + 4 * 0.5)))
+
+
+def test_loader_reads_saved_folder_and_missing_weights(tmp_path):
+    pipe = tiny_pipeline("sd3", seed=3)
+    pipe.save_pretrained(tmp_path / "sd3")
+    be = SD3Backend(pretrained=str(tmp_path / "sd3"))          # full-size defaults, only the size is changed
+    assert be.height == 512 and be.latent_shape == (4, 256, 256)
+    sd_ref = pipe.transformer.state_dict()
+    sd_new = {k.replace(".base_layer", ""): v for k, v in be.network.state_dict().items() if "lora_" not in k}
+    assert sd_ref.keys() == sd_new.keys() and all(torch.equal(sd_ref[k], sd_new[k]) for k in sd_ref)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    with pytest.raises(BackendError) as e:
+        FluxBackend()                                          # the official hub id, offline
+    msg = str(e.value)
+    assert "\n" not in msg and "black-forest-labs/FLUX.1-dev" in msg and "--pretrained" in msg
+    with pytest.raises(BackendError):
+        FluxBackend(pretrained=str(tmp_path / "nope" / "x"))
+    with pytest.raises(BackendError):
+        FluxBackend(tiny=True, height=30)
+    with pytest.raises(BackendError):
+        WanBackend(tiny=True, num_frames=6)
+    with pytest.raises(BackendError):
+        SD3Backend(tiny=True, bogus=1)
+
+
+def test_text_embeddings_cached_once():
+    be = SD3Backend(tiny=True)
+    calls = []
+    be.pipe.text_encoder.register_forward_hook(lambda *a: calls.append(1))
+    c1 = be.encode(PROMPTS)
+    n = len(calls)
+    c2 = be.encode(list(reversed(PROMPTS)) + [PROMPTS[0]])
+    assert len(calls) == n                                     # all cached: no text-encoder call
+    torch.testing.assert_close(c2["prompt_embeds"][1], c1["prompt_embeds"][0])
+    assert c2["neg_prompt_embeds"].shape == c2["prompt_embeds"].shape
+    with torch.no_grad():
+        pe, _, pooled, _ = be.pipe.encode_prompt(PROMPTS[1], None, None, do_classifier_free_guidance=False,
+                                                 max_sequence_length=be.max_sequence_length)
+    torch.testing.assert_close(c1["prompt_embeds"][1:], pe)
+    torch.testing.assert_close(c1["pooled_prompt_embeds"][1:], pooled)
+
+
+@given(h2=st.integers(1, 5), w2=st.integers(1, 5), c=st.integers(1, 3), b=st.integers(1, 2))
+def test_packing_equals_diffusers(h2, w2, c, b):
+    from diffusers import Flux2KleinPipeline, FluxPipeline
+    z = torch.randn(b, c, 2 * h2, 2 * w2)
+    packed = flux_mod.pack_latents(z)
+    torch.testing.assert_close(packed, FluxPipeline._pack_latents(z, b, c, 2 * h2, 2 * w2))
+    torch.testing.assert_close(flux_mod.unpack_latents(packed, 2 * h2, 2 * w2), z)
+    torch.testing.assert_close(flux_mod.image_ids(h2, w2),
+                               FluxPipeline._prepare_latent_image_ids(b, h2, w2, "cpu", torch.float32))
+    zp = torch.randn(b, 4 * c, h2, w2)
+    torch.testing.assert_close(flux2_mod.pack_tokens(zp), Flux2KleinPipeline._pack_latents(zp))
+    torch.testing.assert_close(flux2_mod.unpack_tokens(flux2_mod.pack_tokens(zp), h2, w2), zp)
+    torch.testing.assert_close(flux2_mod.unpatchify(zp), Flux2KleinPipeline._unpatchify_latents(zp))
+    torch.testing.assert_close(flux2_mod.latent_ids(b, h2, w2), Flux2KleinPipeline._prepare_latent_ids(zp))
+    torch.testing.assert_close(flux2_mod.text_ids(b, 3), Flux2KleinPipeline._prepare_text_ids(torch.zeros(b, 3, 8)))
+
+
+@pytest.mark.parametrize("family", ["flux", "wan"])
+def test_training_step_through_transformer_and_vae(family):
+    be = get_backend(family, tiny=True, gradient_checkpointing=True)
+    net = be.network
+    net.train()
+    assert all(m.is_gradient_checkpointing for m in [net])
+    params = be.trainable_parameters(net)
+    assert params and all("lora_" in n for n, p in net.named_parameters() if p.requires_grad)
+    opt = torch.optim.SGD(params, lr=1.0)
+    cond = be.encode(PROMPTS)
+    x = be.noise(2, torch.Generator().manual_seed(1))
+    before = be.velocity(net, x, 0.7, cond).detach()
+    for _ in range(2):                 # 2 steps: LoRA B starts at 0, so A only moves from the 2nd step on
+        opt.zero_grad()
+        traj = rollout(be.velocity_fn(net, cond), x, be.sigmas(2), grad="all")
+        media = be.decode(traj.final)                          # reward-style loss through the VAE decode
+        x0 = torch.randn_like(x)
+        xt = interpolate(x0, x, 0.5)                           # plus a flow-matching term
+        loss = -media.mean() + ((be.velocity(net, xt, 0.5, cond) - (x - x0)) ** 2).mean()
+        loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
+        opt.step()
+    assert sum(float(p.grad.abs().sum()) for p in params) > 0
+    assert not any(p.grad is not None for n, p in net.named_parameters() if "lora_" not in n)
+    after = be.velocity(net, x, 0.7, cond).detach()
+    assert (after - before).abs().max() > 1e-6
+    with be.reference(net) as ref:                             # adapter disabled: the base model
+        torch.testing.assert_close(be.velocity(ref, x, 0.7, cond), before)
+    torch.testing.assert_close(be.velocity(net, x, 0.7, cond), after)   # and enabled again
+    # pixels -> latents gradient exists (the VAE decode is differentiable)
+    xg = x.clone().requires_grad_(True)
+    be.decode(xg).sum().backward()
+    assert xg.grad.abs().sum() > 0
+
+
+def _perturb_lora(net, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3", "wan22", "flux2"])
+def test_lora_save_load_into_fresh_pipeline(family, tmp_path):
+    kw = dict(tiny=True, lora_rank=4, lora_alpha=8)              # alpha != rank: the scale must survive the file
+    fam = "wan" if family == "wan22" else family
+    if family == "wan22":
+        kw["two_experts"] = True
+    be = get_backend(fam, **kw)
+    _perturb_lora(be.network)
+    cond = be.encode(PROMPTS)
+    x = be.noise(2, torch.Generator().manual_seed(2))
+    sig = torch.tensor([0.9, 0.3])                              # wan22: one sample per expert
+    v_lora = be.velocity(be.network, x, sig, cond)
+    with be.reference(be.network) as ref:
+        v_base = be.velocity(ref, x, sig, cond)
+    assert (v_lora - v_base).abs().max() > 1e-3
+    files = be.save_lora(str(tmp_path))
+    assert all(os.path.isfile(f) for f in files)
+
+    fresh = get_backend(fam, **dict(kw, full_finetune=True))   # same base weights, no adapter
+    torch.testing.assert_close(fresh.velocity(fresh.network, x, sig, cond), v_base)
+    fresh.pipe.load_lora_weights(str(tmp_path))                # the diffusers loader takes our file
+    if family == "wan22":
+        fresh.pipe.load_lora_weights(str(tmp_path / "transformer_2"), load_into_transformer_2=True)
+    torch.testing.assert_close(fresh.velocity(fresh.network, x, sig, cond), v_lora, atol=1e-5, rtol=1e-5)
+
+    other = get_backend(fam, **kw)                              # and our own loader, into a new adapter
+    other.load_lora(str(tmp_path))
+    torch.testing.assert_close(other.velocity(other.network, x, sig, cond), v_lora, atol=1e-5, rtol=1e-5)
+    assert other.trainable_parameters(other.network)
+
+
+def test_frozen_copy_and_full_finetune_reference():
+    be = FluxBackend(tiny=True)
+    cp = be.frozen_copy(be.network)
+    assert not any(p.requires_grad for p in cp.parameters())
+    cond = be.encode(PROMPTS[:1])
+    x = be.noise(1, torch.Generator().manual_seed(3))
+    v0 = be.velocity(cp, x, 0.5, cond)
+    _perturb_lora(be.network)
+    torch.testing.assert_close(be.velocity(cp, x, 0.5, cond), v0)     # the copy does not follow the adapter
+    assert be.fsdp_blocks() == [*be.network.transformer_blocks, *be.network.single_transformer_blocks]
+
+    ff = SD3Backend(tiny=True, full_finetune=True)
+    assert all(p.requires_grad for p in ff.network.parameters())
+    with pytest.raises(RuntimeError):
+        with ff.reference(ff.network):
+            pass
+    ff.keep_reference(ff.network)
+    with ff.reference(ff.network) as ref:
+        assert ref is not ff.network and not any(p.requires_grad for p in ref.parameters())
+    with pytest.raises(BackendError):
+        ff.save_lora("/tmp/unused")
