@@ -240,6 +240,21 @@ def _validate(cfg: Any, checks: Sequence[Callable[[Any], str | None]]) -> None:
             die(msg)
 
 
+def _glue_values(argv: list[str], value_flags: set[str]) -> list[str]:
+    """`--tau -1e-5` -> `--tau=-1e-5`: argparse takes a value that starts with '-' for a flag unless it looks
+    like a plain negative number, so '-1e-5' or '-inf' would fail; gluing it to its flag removes the doubt."""
+    out, i = [], 0
+    while i < len(argv):
+        nxt = argv[i + 1] if i + 1 < len(argv) else ""
+        if argv[i] in value_flags and nxt.startswith("-") and not nxt.startswith("--"):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def parse_config(cls: type, argv: Sequence[str] | None = None, presets: dict[str, dict[str, Any]] | None = None,
                  checks: Sequence[Callable[[Any], str | None]] = (), preset_key: str = "teacher") -> Any:
     """Build an instance of the dataclass `cls` from defaults, the preset and the command line.
@@ -254,7 +269,9 @@ def parse_config(cls: type, argv: Sequence[str] | None = None, presets: dict[str
     fields = {f.name: f for f in dataclasses.fields(cls)}
     parser = _Parser(description=(cls.__doc__ or "").strip().split("\n")[0] or None,
                      argument_default=argparse.SUPPRESS,  # absent flags stay absent: we know what was explicit
+                     allow_abbrev=False,  # --nf is not --nfe: a typo is an error, never a guess
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    value_flags = set()
     for name, f in fields.items():
         flag = "--" + name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -267,7 +284,8 @@ def parse_config(cls: type, argv: Sequence[str] | None = None, presets: dict[str
             parser.add_argument("--no-" + flag[2:], dest=name, action="store_false", help=argparse.SUPPRESS)
         else:
             parser.add_argument(flag, dest=name, type=conv, help=helptext, metavar=name.upper())
-    explicit = vars(parser.parse_args(list(sys.argv[1:] if argv is None else argv)))
+            value_flags.add(flag)
+    explicit = vars(parser.parse_args(_glue_values(list(sys.argv[1:] if argv is None else argv), value_flags)))
 
     resume = explicit.get("resume")
     if resume:

@@ -1,0 +1,135 @@
+"""Two processes with gloo on CPU give the same result as one process with the same global batch (common/dist.py).
+
+One spawn of 2 workers checks, in order: DDP training, FSDP2 training and its full state dict, GRPO rewards
+gathered across ranks (a group split between the ranks) then normalised, uneven gathers, the rank-0-only
+checkpoint with every rank's RNG state and the per-rank exact resume, and the NaN stop that every rank agrees on.
+The parent computes the single-process references and compares.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from common import dist
+from common.rl import group_advantages
+from common.train import make_optimizer
+
+GLOBAL_B, STEPS, G = 8, 3, 4
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Sequential(nn.Linear(3, 16), nn.Tanh()), nn.Sequential(nn.Linear(16, 16), nn.Tanh()),
+                         nn.Linear(16, 2))
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(GLOBAL_B, 3, generator=g), torch.randn(GLOBAL_B, 2, generator=g)
+    rewards = torch.randn(12, generator=g)  # 3 groups of G = 4; rows 4..7 (group 1) straddle the two ranks
+    return x, y, rewards
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """The loss is the mean over the LOCAL batch: DDP's gradient average over equal shares is the global mean."""
+    opt = make_optimizer(model, lr=0.05, weight_decay=0.1)
+    for _ in range(STEPS):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+
+
+def worker(rank: int, world: int, port: int, tmp: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    r, w, device = dist.init_distributed("cpu")
+    assert (r, w, device.type) == (rank, world, "cpu") and dist.is_main() == (rank == 0)
+    x, y, rewards = data()
+    share = GLOBAL_B // world
+    xs, ys = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
+    out: dict = {}
+
+    ddp = dist.wrap_ddp(make_model(), device)
+    train(ddp, xs, ys)
+    out["ddp"] = {k: v.clone() for k, v in dist.unwrap(ddp).state_dict().items()}
+
+    net = make_model()
+    fsdp = dist.wrap_fsdp2(net, [net[0], net[1]])
+    train(fsdp, xs, ys)
+    out["fsdp"] = dist.full_state_dict(fsdp)  # full on rank 0, {} elsewhere
+
+    n_local = rewards.numel() // world
+    local = rewards[rank * n_local:(rank + 1) * n_local]
+    gathered = dist.all_gather_cat(local)
+    out["adv_local"] = dist.local_rows(group_advantages(gathered, G), n_local)
+    uneven = rewards[:5] if rank == 0 else rewards[5:]  # 5 rows on rank 0, 7 on rank 1
+    out["uneven"] = dist.all_gather_cat(uneven)
+    out["mean"] = dist.reduce_mean(float(rank))
+
+    # checkpoint: all ranks call save, rank 0 writes, each rank's RNG comes back on resume
+    from common.runs import Run, list_checkpoints
+    from tests._infra_script import Config
+    run_dir = os.path.join(tmp, "run")
+    torch.manual_seed(100 + rank)
+    run = Run(Config(out=run_dir, steps=1), "dist")
+    run.save(1, {"w": torch.ones(2)})
+    after_save = torch.rand(3)
+    resumed = Run(Config(out=run_dir, resume=run_dir, steps=1), "dist")
+    state = resumed.resume()
+    out["resume_rng_equal"] = bool(torch.equal(torch.rand(3), after_save)) and torch.equal(state["w"], torch.ones(2))
+    out["ckpts"] = [s for s, _ in list_checkpoints(run_dir)]
+    out["rng_ranks"] = len(torch.load(list_checkpoints(run_dir)[-1][1], weights_only=True)["rng"])
+    out["draw"] = after_save
+    # a NaN on rank 1 only: both ranks must stop with status 3 (no rank left waiting in a collective)
+    try:
+        run.check_finite(loss=torch.tensor(float("nan") if rank == 1 else 1.0))
+        out["nan_exit"] = 0
+    except SystemExit as e:
+        out["nan_exit"] = e.code
+    torch.save(out, os.path.join(tmp, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.cleanup()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_match_one_process(tmp_path):
+    mp.start_processes(worker, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn", join=True)
+    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    x, y, rewards = data()
+
+    ref = make_model()
+    train(ref, x, y)  # one process, the whole global batch
+    ref_sd = ref.state_dict()
+    for r in range(2):
+        assert all(torch.allclose(res[r]["ddp"][k], ref_sd[k], atol=1e-6) for k in ref_sd)
+    assert set(res[0]["fsdp"]) == set(ref_sd) and res[1]["fsdp"] == {}
+    assert all(torch.allclose(res[0]["fsdp"][k], ref_sd[k], atol=1e-6) for k in ref_sd)
+
+    adv = group_advantages(rewards, G)
+    assert torch.allclose(torch.cat([res[0]["adv_local"], res[1]["adv_local"]]), adv, atol=1e-6)
+    assert all(torch.equal(res[r]["uneven"], rewards) for r in range(2))
+    assert all(float(res[r]["mean"]) == 0.5 for r in range(2))
+
+    assert all(res[r]["resume_rng_equal"] for r in range(2))
+    assert res[0]["ckpts"] == [1] and res[0]["rng_ranks"] == 2
+    assert not torch.equal(res[0]["draw"], res[1]["draw"])  # each rank got its own RNG stream back
+    assert [res[r]["nan_exit"] for r in range(2)] == [3, 3]
+
+
+def test_single_process_helpers_are_identity():
+    t = torch.arange(6.0)
+    net = nn.Linear(2, 2)
+    assert dist.init_distributed("cpu")[:2] == (0, 1) and dist.is_main() and not dist.is_dist()
+    assert torch.equal(dist.all_gather_cat(t), t) and torch.equal(dist.local_rows(t, 6), t)
+    assert dist.wrap_ddp(net) is net and dist.wrap_fsdp2(net, [net]) is net
+    assert dist.full_state_dict(net).keys() == net.state_dict().keys() and dist.any_rank(True)
