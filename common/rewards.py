@@ -193,6 +193,14 @@ REGISTRY["toy_linear"] = "toy.rewards:linear_reward"
 REGISTRY["toy_quadratic"] = "toy.rewards:quadratic_reward"
 REGISTRY["toy_mode"] = "toy.rewards:mode_reward"
 REGISTRY["toy_otca"] = "toy.rewards:otca_reward"
+REGISTRY["dit_color"] = "toy.shape_rewards:color_reward"
+REGISTRY["dit_position"] = "toy.shape_rewards:position_reward"
+REGISTRY["dit_size"] = "toy.shape_rewards:size_reward"
+REGISTRY["dit_shape"] = "toy.shape_rewards:shape_reward"
+REGISTRY["dit_sharpness"] = "toy.shape_rewards:sharpness_reward"
+REGISTRY["dit_temporal"] = "toy.shape_rewards:temporal_reward"
+REGISTRY["dit_smoothness"] = "toy.shape_rewards:smoothness_reward"
+REGISTRY["dit_motion"] = "toy.shape_rewards:motion_reward"
 
 
 def register(name: str, target: str) -> None:
@@ -217,6 +225,14 @@ def _known(name: str) -> bool:
     return base in REGISTRY and not base.startswith(FRAMES_PREFIX)
 
 
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
 def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
     """'hps' -> [('hps', 1.0)]; 'hps:0.7,clip:1.4' -> [('hps', 0.7), ('clip', 1.4)];
     'frames:hps:0.5' -> [('frames:hps', 0.5)]. Raises RewardError (one line) on an unknown name or a bad weight."""
@@ -227,7 +243,7 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
         else:
             name, _, w = part.rpartition(":")
             if not name or not _known(name):
-                name = part if not name else name
+                name = name if name and _is_number(w) else part  # "clipp:2" -> 'clipp'; "frames:nope" -> all
                 raise RewardError(f"unknown reward {name!r}; choose from {', '.join(sorted(REGISTRY))} "
                                   f"(or {FRAMES_PREFIX}<image reward> for videos)")
         try:
