@@ -168,9 +168,15 @@ class DiffusersBackend(Backend):
         """Family hook run before sizes are read (tiny defaults)."""
 
     def _tiny_pipeline(self, seed: int):
-        """Build the tiny pipeline, save it, and load it back through load_pipeline (the production path)."""
+        """Build the tiny pipeline, save it, and load it back through load_pipeline (the production path).
+
+        Under torch.distributed the round trip is skipped (every rank builds the same seeded pipeline): the
+        transformers models' save_pretrained writes files on rank 0 only, so other ranks would find none."""
         from common.backends.tiny import tiny_pipeline
         pipe = tiny_pipeline(self.name, seed=seed, **self._tiny_kwargs())
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            pipe.set_progress_bar_config(disable=True)
+            return pipe.to(dtype=self.dtype)
         tmp = tempfile.mkdtemp(prefix=f"tiny-{self.name}-")
         try:
             pipe.save_pretrained(tmp)
@@ -198,8 +204,9 @@ class DiffusersBackend(Backend):
         except (OSError, ValueError, EnvironmentError) as e:
             where = "the local folder" if local else ("the hub cache (HF_HUB_OFFLINE=1 is set)" if hub_offline()
                                                       else "the hub")
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
             raise BackendError(
-                f"cannot load {self.name} weights from {where} {pretrained!r} ({type(e).__name__}): download them with "
+                f"cannot load {self.name} weights from {where} {pretrained!r} ({why}): download them with "
                 f"`huggingface-cli download {self.default_pretrained} --local-dir DIR`{self.download_hint} and pass "
                 f"--pretrained DIR") from None
         pipe.set_progress_bar_config(disable=True)
