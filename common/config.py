@@ -8,11 +8,12 @@ and ends with a four-line main. The whole contract, as a method script uses it:
     from common.config import RunConfig, opt, parse_config, die, user_errors
     from common.runs import Run
     from common.train import EMA, make_optimizer, clip_grad, autocast, seed_everything
-    from common.dist import init_distributed, all_gather_cat, wrap_ddp, is_main
+    from common.dist import init_distributed, all_gather_cat, wrap_ddp
 
     @dataclass
-    class Config(RunConfig):                     # RunConfig adds --out --resume --seed --device --precision
-        teacher: str = opt("toy2d", "backend: toy2d | dit | flux | wan | sd3 | flux2")   # --logger --save-every ...
+    class Config(RunConfig):    # RunConfig brings --steps --seed --device --precision --out --resume
+                                # --save-every --keep --logger (redeclare one here to change its default)
+        teacher: str = opt("toy2d", "backend: toy2d | dit | flux | wan | sd3 | flux2")
         nfe: int = opt(4, "student sampling steps K", min=1)
         nfe_list: list[int] = opt([3, 5, 8], "K values evaluated at the end (comma-separated)", min=1)
         lr: float = opt(1e-4, "AdamW learning rate", min=0)
@@ -21,30 +22,34 @@ and ends with a four-line main. The whole contract, as a method script uses it:
         gate: Literal["sigmoid", "none", "off", "hard"] = opt("sigmoid", "gate kind")
         tiny: bool = opt(False, "tiny random model (offline, CPU)")
         tau: float | None = opt(None, "gate temperature ('none' = running std)")
+        max_grad_norm: float = opt(1.0, "grad-norm clip (0 = off)", min=0)
 
     PRESETS = {"flux": {"nfe": 4, "lr": 3e-4, "precision": "bf16"}, "toy2d": {"steps": 300}}
 
     def main(cfg: Config):
-        rank, world, device = init_distributed(cfg.device)
-        run = Run(cfg, "rats")                   # out dir, config.json, metrics.jsonl, tqdm; rank 0 writes
-        seed_everything(cfg.seed + rank)
-        net = ...; opt_ = make_optimizer(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        rank, world, device = init_distributed(cfg.device)   # (0, 1, device) without torchrun
+        run = Run(cfg, "rats", device)           # out dir, config.json, metrics.jsonl, tqdm; only rank 0 writes
+        seed_everything(cfg.seed)                # same initial weights on every rank (FSDP2 does not broadcast)
+        net = ...                                # e.g. backend.network
+        opt_ = make_optimizer(net, lr=cfg.lr, weight_decay=1e-4)
         ema = EMA(net, decay=0.995)
+        model = wrap_ddp(net, device)            # forward through `model`; save and load `net`
+        seed_everything(cfg.seed + rank)         # each rank draws its own noise
         state = run.resume()                     # {} on a fresh run; else the saved dict, RNG states restored
         if state:
             net.load_state_dict(state["net"]); opt_.load_state_dict(state["opt"]); ema.load_state_dict(state["ema"])
         snapshot = lambda: {"net": net.state_dict(), "opt": opt_.state_dict(), "ema": ema.state_dict()}
-        with run.interrupt_guard(snapshot):      # Ctrl-C: checkpoint at the next step boundary, exit 130
+        with run.interrupt_guard(snapshot):      # Ctrl-C: checkpoint at the end of the step, exit 130
             for step in range(run.step, cfg.steps):
                 with autocast(cfg.precision, device):
-                    loss = ...
+                    loss, r = ...                # r: (B,) rewards; GRPO: A = group_advantages(all_gather_cat(r), G)
                 run.check_finite(loss=loss)      # NaN/inf: one message, exit 3, last good checkpoint kept
-                opt_.zero_grad(); loss.backward(); gn = clip_grad(net.parameters(), cfg.max_grad_norm)
+                opt_.zero_grad(); loss.backward(); gn = clip_grad(net, cfg.max_grad_norm)
                 opt_.step(); ema.update()
-                run.log(step + 1, loss=loss, grad_norm=gn)        # one JSON line; call it after the update
-                if run.due(step + 1):
-                    run.save(step + 1, snapshot())                # call on every rank (collective)
-        run.finish({"reward_eval": ...})         # summary.json, final checkpoint
+                run.log(step + 1, loss=loss, reward=r.mean(), grad_norm=gn)   # one JSON line, after the update
+                if run.due(step + 1):                                         # every --save-every steps
+                    run.save(step + 1, snapshot())                            # on every rank (collective)
+        run.finish({"reward_eval": ...}, state=snapshot())   # summary.json and the final checkpoint
 
     if __name__ == "__main__":
         with user_errors():                      # RewardError, BackendError, missing files -> one line, exit 2
@@ -59,7 +64,7 @@ and --out defaults to DIR.
 User mistakes (unknown flag, bad value, value below a field's `min`, unknown backend or reward, missing prompts
 file, a failed `checks` function) print ONE line "error: ..." on stderr and exit with status 2. Built-in checks:
   teacher  must be in common.backend.REGISTRY;        reward   must parse with common.rewards.parse_reward_spec;
-  prompts  non-empty means an existing file;          opt(..., path=True) likewise for any field;
+  prompts  '', 'builtin' or an existing file;          opt(..., path=True): '' or an existing path;
   nfe, nfe_* at least 1 and lr, *_lr at least 0 even without an explicit `min` (every element of a list).
 """
 from __future__ import annotations
@@ -116,8 +121,9 @@ def die(msg: str, status: int = EXIT_USER_ERROR) -> typing.NoReturn:
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from common.backend import BackendError
+    from common.prompts import PromptError
     from common.rewards import RewardError
-    return (RewardError, BackendError, FileNotFoundError, ConfigError)
+    return (RewardError, BackendError, PromptError, FileNotFoundError, ConfigError)
 
 
 class ConfigError(ValueError):
@@ -128,8 +134,9 @@ class ConfigError(ValueError):
 def user_errors() -> Iterator[None]:
     """Turn the project's user-facing exceptions into one line on stderr and exit status 2.
 
-    Caught: common.rewards.RewardError, common.backend.BackendError, FileNotFoundError (missing weights or
-    prompt files), ConfigError. Anything else is a bug and keeps its traceback.
+    Caught: common.rewards.RewardError, common.backend.BackendError, common.prompts.PromptError,
+    FileNotFoundError (missing weights or prompt files), ConfigError. Anything else is a bug and keeps its
+    traceback.
     """
     try:
         yield
@@ -219,7 +226,8 @@ def _validate(cfg: Any, checks: Sequence[Callable[[Any], str | None]]) -> None:
                     die(f"{flag} must be at least {lo}, got {v}")
                 if hi is not None and v > hi:
                     die(f"{flag} must be at most {hi}, got {v}")
-        if (f.metadata.get("path") or f.name == "prompts") and value and not os.path.exists(value):
+        if (f.metadata.get("path") or f.name == "prompts") and value and value != "builtin" \
+                and not os.path.exists(value):
             die(f"{flag}: file not found: {value}")
     if hasattr(cfg, "teacher"):
         from common.backend import REGISTRY

@@ -155,7 +155,8 @@ def wrap_fsdp2(model: nn.Module, blocks: Sequence[nn.Module] | tuple[type, ...] 
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     if isinstance(blocks, type) or (isinstance(blocks, tuple) and blocks and isinstance(blocks[0], type)):
         classes = blocks if isinstance(blocks, tuple) else (blocks,)
-        blocks = [m for m in model.modules() if isinstance(m, classes)]
+        # model.modules() lists parents before children; fully_shard goes bottom-up, so reverse; never the root
+        blocks = [m for m in reversed(list(model.modules())) if isinstance(m, classes) and m is not model]
     dev_type = "cuda" if next(model.parameters()).is_cuda else "cpu"
     mesh = init_device_mesh(dev_type, (world_size(),))
     kw: dict[str, Any] = {"mesh": mesh}

@@ -350,8 +350,11 @@ class Run:
     def finish(self, summary: dict[str, Any] | None = None, state: dict[str, Any] | None = None) -> None:
         """Write summary.json (the final evaluation, plus status and step) and, when state is given, a final
         checkpoint at self.step (skipped if one exists for that step). Call on every rank."""
-        if state is not None and not any(s == self.step for s, _ in list_checkpoints(self.out)):
-            self.save(self.step, state)
+        if state is not None:
+            # rank 0 decides (only its file system view counts): save is a collective, so all ranks must agree
+            exists = any(s == self.step for s, _ in list_checkpoints(self.out)) if self.main else False
+            if not dist.gather_objects(exists)[0]:
+                self.save(self.step, state)
         if self.main:
             self._write_summary({"status": "finished", **(summary or {})}, self.step)
         self._close()

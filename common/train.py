@@ -57,9 +57,9 @@ def clip_grad(params: nn.Module | Iterable[torch.Tensor], max_norm: float | None
     ps = [p for p in _params(params) if p.grad is not None]
     if not ps:
         return torch.zeros(())
-    if max_norm is None or max_norm <= 0:
-        return torch.nn.utils.clip_grad_norm_(ps, float("inf"))
-    return torch.nn.utils.clip_grad_norm_(ps, max_norm)
+    norm = torch.nn.utils.clip_grad_norm_(ps, float("inf") if max_norm is None or max_norm <= 0 else max_norm)
+    # under FSDP2 the gradients are DTensor shards and the norm comes back as a replicated DTensor
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 class EMA:

@@ -24,6 +24,7 @@ from torch import nn
 from common import rewards
 from common.backend import BackendError
 from common.config import ConfigError, RunConfig, opt, parse_config, to_dict, user_errors
+from common.prompts import PromptError
 from common.rewards import RewardError
 from common.runs import atomic_save, list_checkpoints, load_checkpoint, rng_state, set_rng_state
 from common.train import EMA, autocast, clip_grad, make_optimizer, seed_everything
@@ -120,6 +121,7 @@ def test_known_reward_and_existing_prompts_file_pass(tmp_path, toy_reward):
     p = tmp_path / "prompts.txt"
     p.write_text("a cat\n")
     assert parse_config(Cfg, ["--reward", "toy_test:0.5", "--prompts", str(p)]).prompts == str(p)
+    assert parse_config(Cfg, ["--prompts", "builtin"]).prompts == "builtin"
 
 
 def test_checks_and_preset_typos(capsys):
@@ -141,7 +143,7 @@ def test_checks_and_preset_typos(capsys):
 
 @pytest.mark.parametrize("exc", [RewardError("unknown reward 'q'"), BackendError("no weights at /w"),
                                  FileNotFoundError(2, "No such file", "/w/model.safetensors"),
-                                 ConfigError("bad\nmulti-line message")])
+                                 ConfigError("bad\nmulti-line message"), PromptError("x.csv: no prompt column")])
 def test_user_errors_turn_project_exceptions_into_one_line(exc, capsys):
     with pytest.raises(SystemExit) as e, user_errors():
         raise exc
@@ -383,3 +385,12 @@ def test_autocast():
         assert (x @ w).dtype == torch.float32
     with pytest.raises(ValueError):
         autocast("fp16", "cpu")
+
+
+def test_a_script_can_change_a_shared_default():
+    @dataclass
+    class Longer(RunConfig):
+        steps: int = opt(300, "optimizer steps", min=0)
+
+    assert parse_config(Longer, []).steps == 300 and parse_config(Longer, ["--steps", "7"]).steps == 7
+    assert [f for f in Longer.__dataclass_fields__][:2] == ["steps", "seed"]

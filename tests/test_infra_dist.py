@@ -16,7 +16,7 @@ from torch import nn
 
 from common import dist
 from common.rl import group_advantages
-from common.train import make_optimizer
+from common.train import clip_grad, make_optimizer
 
 GLOBAL_B, STEPS, G = 8, 3, 4
 
@@ -34,13 +34,17 @@ def data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return x, y, rewards
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
-    """The loss is the mean over the LOCAL batch: DDP's gradient average over equal shares is the global mean."""
-    opt = make_optimizer(model, lr=0.05, weight_decay=0.1)
-    for _ in range(STEPS):
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt=None, steps: int = STEPS) -> tuple:
+    """The loss is the mean over the LOCAL batch: DDP's gradient average over equal shares is the global mean.
+    The clip (0.5) is active, so the grad norm must also be the global one. Returns (optimizer, grad norms)."""
+    opt = opt or make_optimizer(model, lr=0.05, weight_decay=0.1)
+    norms = []
+    for _ in range(steps):
         opt.zero_grad()
         ((model(x) - y) ** 2).mean().backward()
+        norms.append(float(clip_grad(model, 0.5)))
         opt.step()
+    return opt, torch.tensor(norms)
 
 
 def worker(rank: int, world: int, port: int, tmp: str) -> None:
@@ -55,13 +59,28 @@ def worker(rank: int, world: int, port: int, tmp: str) -> None:
     out: dict = {}
 
     ddp = dist.wrap_ddp(make_model(), device)
-    train(ddp, xs, ys)
+    _, out["ddp_norms"] = train(ddp, xs, ys)
     out["ddp"] = {k: v.clone() for k, v in dist.unwrap(ddp).state_dict().items()}
 
     net = make_model()
     fsdp = dist.wrap_fsdp2(net, [net[0], net[1]])
-    train(fsdp, xs, ys)
+    opt, out["fsdp_norms"] = train(fsdp, xs, ys)
     out["fsdp"] = dist.full_state_dict(fsdp)  # full on rank 0, {} elsewhere
+    # FSDP2 resume: full (model, optimizer) dicts saved by rank 0, loaded by every rank into a fresh sharded model
+    msd, osd = dist.full_state_dict(fsdp, opt)
+    path = os.path.join(tmp, "fsdp.pt")
+    if rank == 0:
+        torch.save({"m": msd, "o": osd}, path)
+    dist.barrier()
+    saved = torch.load(path, weights_only=True)
+    fresh = make_model()
+    torch.nn.init.zeros_(fresh[2].weight)  # make sure the weights really come from the file
+    fresh = dist.wrap_fsdp2(fresh, (nn.Sequential,))  # blocks given by class this time
+    fresh_opt = make_optimizer(fresh, lr=0.05, weight_decay=0.1)
+    dist.load_full_state_dict(fresh, saved["m"], fresh_opt, saved["o"])
+    train(fsdp, xs, ys, opt, steps=2)
+    train(fresh, xs, ys, fresh_opt, steps=2)
+    out["fsdp_cont"], out["fsdp_resumed"] = dist.full_state_dict(fsdp), dist.full_state_dict(fresh)
 
     n_local = rewards.numel() // world
     local = rewards[rank * n_local:(rank + 1) * n_local]
@@ -108,12 +127,18 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     x, y, rewards = data()
 
     ref = make_model()
-    train(ref, x, y)  # one process, the whole global batch
-    ref_sd = ref.state_dict()
+    ref_opt, ref_norms = train(ref, x, y)  # one process, the whole global batch
+    ref_sd = {k: v.clone() for k, v in ref.state_dict().items()}
     for r in range(2):
         assert all(torch.allclose(res[r]["ddp"][k], ref_sd[k], atol=1e-6) for k in ref_sd)
+        assert torch.allclose(res[r]["ddp_norms"], ref_norms, atol=1e-5)
+        assert torch.allclose(res[r]["fsdp_norms"], ref_norms, atol=1e-5)
     assert set(res[0]["fsdp"]) == set(ref_sd) and res[1]["fsdp"] == {}
     assert all(torch.allclose(res[0]["fsdp"][k], ref_sd[k], atol=1e-6) for k in ref_sd)
+    train(ref, x, y, ref_opt, steps=2)
+    for k, v in ref.state_dict().items():
+        assert torch.allclose(res[0]["fsdp_cont"][k], v, atol=1e-6)
+        assert torch.equal(res[0]["fsdp_resumed"][k], res[0]["fsdp_cont"][k])
 
     adv = group_advantages(rewards, G)
     assert torch.allclose(torch.cat([res[0]["adv_local"], res[1]["adv_local"]]), adv, atol=1e-6)
