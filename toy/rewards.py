@@ -17,13 +17,23 @@ from common.rewards import FnReward
 from toy.datasets import DEFAULT_DATASET, get_dataset
 
 
+def _floats(v) -> torch.Tensor:
+    """A vector option as float64: a sequence, a tensor, or a command-line string "1,0" / "1 0"."""
+    if isinstance(v, str):
+        try:
+            v = [float(t) for t in v.replace(",", " ").split()]
+        except ValueError:
+            raise ValueError(f"expected numbers separated by commas, got {v!r}") from None
+    return torch.as_tensor(v, dtype=torch.float64)
+
+
 def _vec(v, x: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(v, dtype=x.dtype, device=x.device)
 
 
 def _centres(centres, dataset: str | None) -> torch.Tensor:
     if centres is not None:
-        return torch.as_tensor(centres, dtype=torch.float32)
+        return _floats(centres).reshape(-1, 2).float()
     return get_dataset(dataset or DEFAULT_DATASET).centres.float()
 
 
@@ -38,7 +48,7 @@ def soft_assign(x: torch.Tensor, centres: torch.Tensor, temperature: float) -> t
 
 def linear_reward(w=(1.0, 0.0), **_: Any) -> FnReward:
     """r(x) = w . x (default w = (1, 0): towards mode 0 of ring8_rare). Tilting a mixture keeps it a mixture."""
-    w_t = torch.as_tensor(w, dtype=torch.float64)
+    w_t = _floats(w)
     r = FnReward(lambda x: x.float() @ _vec(w_t, x.float()), names="linear", media="points")
     r.tilt_spec = {"kind": "linear", "w": w_t}
     return r
@@ -46,8 +56,8 @@ def linear_reward(w=(1.0, 0.0), **_: Any) -> FnReward:
 
 def quadratic_reward(c=(3.0, 0.0), A=None, scale: float = 1.0, **_: Any) -> FnReward:
     """r(x) = -1/2 (x - c)^T A (x - c), A = scale * I by default; c = (3, 0) is mode 0 of ring8_rare."""
-    A_t = torch.as_tensor(A, dtype=torch.float64) if A is not None else float(scale) * torch.eye(2, dtype=torch.float64)
-    c_t = torch.as_tensor(c, dtype=torch.float64)
+    A_t = _floats(A).reshape(2, 2) if A is not None else float(scale) * torch.eye(2, dtype=torch.float64)
+    c_t = _floats(c)
 
     def fn(x):
         d = x.float() - _vec(c_t, x.float())
@@ -63,7 +73,7 @@ def mode_reward(target: int = 0, centres=None, temperature: float = 0.5, dataset
     centres: (P, 2) (default: the mode centres of `dataset`, ring8_rare)."""
     C = _centres(centres, dataset)
     t = int(target)
-    return FnReward(lambda x: soft_assign(x.float(), C, temperature)[:, t], names="mode", media="points")
+    return FnReward(lambda x: soft_assign(x.float(), C, temperature)[:, t], names="in_mode", media="points")
 
 
 def otca_objectives(x: torch.Tensor, centres: torch.Tensor, target: int = 0, temperature: float = 0.5) -> torch.Tensor:
