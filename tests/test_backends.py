@@ -250,3 +250,31 @@ def test_frozen_copy_and_full_finetune_reference():
         assert ref is not ff.network and not any(p.requires_grad for p in ref.parameters())
     with pytest.raises(BackendError):
         ff.save_lora("/tmp/unused")
+
+
+def test_bf16_network_float32_velocity_and_lora():
+    be32 = FluxBackend(tiny=True)
+    be16 = FluxBackend(tiny=True, dtype="bf16")
+    assert be16.dtype == torch.bfloat16
+    dts = {n: p.dtype for n, p in be16.network.named_parameters()}
+    assert all(d == torch.float32 for n, d in dts.items() if "lora_" in n)     # adapter kept in float32
+    assert any(d == torch.bfloat16 for n, d in dts.items() if "lora_" not in n)
+    cond32, cond16 = be32.encode(PROMPTS), be16.encode(PROMPTS)
+    x = be32.noise(2, torch.Generator().manual_seed(4))
+    v32, v16 = be32.velocity(be32.network, x, 0.6, cond32), be16.velocity(be16.network, x, 0.6, cond16)
+    assert v16.dtype == torch.float32 and v16.shape == x.shape
+    rel = (v16 - v32).norm() / v32.norm()
+    assert rel < 0.05                                          # same weights, bf16 rounding only
+
+
+def test_benchmark_script_tiny_cpu(tmp_path):
+    import importlib.util
+    import json
+    spec = importlib.util.spec_from_file_location(
+        "flux_lora_step", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "flux_lora_step.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.main(["--tiny", "--device", "cpu", "--warmup", "0", "--steps", "1", "--out", str(tmp_path / "r.json")])
+    assert res["params"] == sum(p.numel() for p in FluxBackend(tiny=True, full_finetune=True).network.parameters())
+    assert res["lora_params"] > 0 and res["step_s_median"] > 0 and res["image_tokens"] == 64
+    assert json.loads((tmp_path / "r.json").read_text())["loss"] == res["loss"]
