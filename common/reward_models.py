@@ -34,6 +34,7 @@ architecture (for HPS, whose checkpoint carries no config). Preprocessing is dif
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -155,16 +156,21 @@ def _load_state(path: str, what: str) -> dict[str, torch.Tensor]:
     return obj
 
 
-def _from_pretrained(cls, path: str, what: str, env: str, **kw):
+def _from_pretrained(cls, path: str, what: str, env: str, hub_id: str | None = None, **kw):
     """cls.from_pretrained(path) with a one-line error naming the hub id / variable when it is not available."""
     try:
         return cls.from_pretrained(path, **kw)
     except (OSError, ValueError) as e:
-        if Path(path).is_dir() and any(Path(path).iterdir()):
+        p = Path(path)
+        if p.is_dir() and any(p.iterdir()):
             raise RewardError(f"{what}: could not load {path}: {str(e).splitlines()[0]}") from None
-        raise RewardWeightsMissing(f"{what}: {path} not found (offline or not downloaded); download it with "
-                                   f"`huggingface-cli download {path if '/' in path else ''} --local-dir DIR` "
-                                   f"and set {env}=DIR") from None
+        known = path in {v for v in HUB.values() if isinstance(v, str)}
+        local = not known and (p.is_absolute() or path.startswith(".") or p.exists() or path.count("/") != 1)
+        src = hub_id or (None if local else path)
+        how = (f"download it with `huggingface-cli download {src} --local-dir DIR` and set {env}=DIR" if src
+               else f"set {env} to a directory saved with save_pretrained")
+        where = f"no model directory at {path}" if local else f"{path} is not in the local hub cache (offline?)"
+        raise RewardWeightsMissing(f"{what}: {where}; {how}") from None
 
 
 def _seeded(seed: int):
@@ -261,17 +267,23 @@ def load_hps_model(path: str | None, tiny: bool = False, arch: str = "ViT-H-14",
     return model
 
 
+@functools.lru_cache(maxsize=1)
+def _open_clip_tokenizer():
+    """open_clip's ViT-H-14 tokenizer (bundled BPE: offline, real ids); built once (0.5 s)."""
+    import open_clip
+
+    return open_clip.get_tokenizer("ViT-H-14")
+
+
 class HPSReward(ImageModelReward):
     """HPSv2.1: cos(image_features, text_features) of open_clip ViT-H-14 with the HPS weights (x100 for tables)."""
 
     names = ["hps"]
 
     def __init__(self, model: nn.Module, device="cpu", dtype=torch.float32, frames: int = 4):
-        import open_clip
-
         self.device, self.dtype, self.frames = torch.device(device), dtype, frames
         self.model = _freeze(model, self.device, dtype)
-        self.tokenizer = open_clip.get_tokenizer("ViT-H-14")  # bundled BPE: offline, real ids
+        self.tokenizer = _open_clip_tokenizer()
         self.size = int(self.model.visual.image_size[0])
         self.table_scale = [100.0]
 
@@ -317,13 +329,14 @@ def tiny_clip(seed: int = 0):
     return model, proc
 
 
-def load_clip(path: str | None, processor: str | None, what: str, env: str, tiny: bool, seed: int = 0):
+def load_clip(path: str | None, processor: str | None, what: str, env: str, tiny: bool, seed: int = 0,
+              hub_id: str | None = None):
     """(CLIPModel, CLIPProcessor) from a local directory or hub id, or tiny random when tiny and no path."""
     from transformers import CLIPModel, CLIPProcessor
 
     if path is None and tiny:
         return tiny_clip(seed)
-    model = _from_pretrained(CLIPModel, path, what, env)
+    model = _from_pretrained(CLIPModel, path, what, env, hub_id)
     proc_src = processor or path
     proc = _from_pretrained(CLIPProcessor, proc_src, f"{what} processor", env)
     return model, proc
@@ -386,11 +399,11 @@ class CLIPSimilarityReward(ImageModelReward):
 _CLIP_CACHE: dict[tuple, CLIPBackbone] = {}
 
 
-def _clip_backbone(path, processor, what, env, tiny, device, dtype, seed) -> CLIPBackbone:
+def _clip_backbone(path, processor, what, env, tiny, device, dtype, seed, hub_id=None) -> CLIPBackbone:
     """One CLIPBackbone per (source, device, dtype): clip, aesthetic and the video rewards share CLIP-L/14."""
     key = (path, processor, tiny and path is None, seed, str(device), dtype)
     if key not in _CLIP_CACHE:
-        _CLIP_CACHE[key] = CLIPBackbone(*load_clip(path, processor, what, env, tiny, seed), device, dtype)
+        _CLIP_CACHE[key] = CLIPBackbone(*load_clip(path, processor, what, env, tiny, seed, hub_id), device, dtype)
     return _CLIP_CACHE[key]
 
 
@@ -409,7 +422,8 @@ def pickscore(pickscore_path: str | None = None, pickscore_processor: str | None
         has_tok = Path(path).is_dir() and (Path(path) / "tokenizer_config.json").is_file()
         proc = path if has_tok else HUB["pickscore_processor"]
     # tiny: a different random CLIP than clip/aesthetic (seed + 1), so that two tiny objectives differ
-    bb = _clip_backbone(path, proc, "PickScore", "PICKSCORE_PATH", tiny, device, _dtype(dtype), seed + 1)
+    bb = _clip_backbone(path, proc, "PickScore", "PICKSCORE_PATH", tiny, device, _dtype(dtype), seed + 1,
+                        HUB["pickscore"])
     return CLIPSimilarityReward(bb, "pickscore", float(bb.model.logit_scale.exp()), frames)
 
 
@@ -418,7 +432,7 @@ def clip_score(clip_path: str | None = None, tiny: bool = False, device="cpu", d
     """Registry factory "clip": CLIP ViT-L/14 (clip_path / $CLIP_PATH / hub openai/clip-vit-large-patch14).
     Training scale cos; table scale x100 (the convention of T2I papers' "CLIP score" columns)."""
     bb = _clip_backbone(_clip_path(clip_path, tiny), None, "CLIP ViT-L/14", "CLIP_PATH", tiny, device,
-                        _dtype(dtype), seed)
+                        _dtype(dtype), seed, HUB["clip"])
     return CLIPSimilarityReward(bb, "clip", 100.0, frames)
 
 
@@ -461,7 +475,7 @@ def aesthetic(aesthetic_ckpt: str | None = None, clip_path: str | None = None, t
     """Registry factory "aesthetic": CLIP-L/14 (clip_path / $CLIP_PATH) + the MLP .pth (aesthetic_ckpt /
     $AESTHETIC_CKPT / $REWARD_WEIGHTS_DIR/sac+logos+ava1-l14-linearMSE.pth)."""
     bb = _clip_backbone(_clip_path(clip_path, tiny), None, "aesthetic (CLIP ViT-L/14)", "CLIP_PATH", tiny, device,
-                        _dtype(dtype), seed)
+                        _dtype(dtype), seed, HUB["clip"])
     d = int(bb.model.config.projection_dim)
     path = aesthetic_ckpt or os.environ.get("AESTHETIC_CKPT")
     if path is None and tiny:
@@ -741,7 +755,7 @@ def temporal_consistency(clip_path: str | None = None, tiny: bool = False, devic
                          seed: int = 0) -> TemporalConsistencyReward:
     """Registry factory "temporal_consistency" (CLIP ViT-L/14 from clip_path / $CLIP_PATH)."""
     return TemporalConsistencyReward(_clip_backbone(_clip_path(clip_path, tiny), None, "CLIP ViT-L/14", "CLIP_PATH",
-                                                    tiny, device, _dtype(dtype), seed))
+                                                    tiny, device, _dtype(dtype), seed, HUB["clip"]))
 
 
 def text_alignment(clip_path: str | None = None, tiny: bool = False, device="cpu", dtype=None, seed: int = 0,

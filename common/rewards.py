@@ -124,10 +124,13 @@ class MultiReward(Reward):
 # ----- video helpers (pure functions) -----------------------------------------------------------------------
 
 def frame_indices(num_frames: int, n: int) -> torch.Tensor:
-    """Indices of n frames spread evenly over [0, num_frames - 1], first and last included (all if n <= 0 or
-    n >= num_frames). Deterministic, so that a group's videos are scored on the same frames."""
+    """Indices of n frames spread evenly over [0, num_frames - 1], first and last included when n >= 2, the
+    middle frame when n = 1, all frames if n <= 0 or n >= num_frames. Deterministic, so that a group's videos
+    are scored on the same frames."""
     if n <= 0 or n >= num_frames:
         return torch.arange(num_frames)
+    if n == 1:
+        return torch.tensor([(num_frames - 1) // 2])
     return torch.linspace(0, num_frames - 1, n).round().long().unique()
 
 
@@ -255,6 +258,31 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
         out.append((name, weight))
     if not out:
         raise RewardError("empty --reward: name at least one reward, as in --reward hps or hps:0.7,clip:1.4")
+    return out
+
+
+def parse_reward_options(items: Sequence[str] | None) -> dict[str, Any]:
+    """Command-line reward options ["hps_ckpt=/w/HPS.pt", "frames=8", "tiny=true"] -> {"hps_ckpt": "/w/HPS.pt",
+    "frames": 8, "tiny": True} (ints, floats and true/false converted; other values stay strings), to pass to
+    build_reward(spec, **options). Raises RewardError (one line) on an item without "=" or an empty key."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, eq, val = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or not key:
+            raise RewardError(f"bad reward option {item!r}: expected key=value, as in hps_ckpt=/path/HPS_v2.1.pt")
+        low = val.strip().lower()
+        if low in ("true", "false"):
+            out[key] = low == "true"
+        else:
+            for cast in (int, float):
+                try:
+                    out[key] = cast(val)
+                    break
+                except ValueError:
+                    continue
+            else:
+                out[key] = val
     return out
 
 

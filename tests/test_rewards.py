@@ -90,6 +90,8 @@ def test_frame_indices_are_even_sorted_and_cover_the_ends(f, n):
     assert idx == sorted(set(idx)) and 0 <= idx[0] and idx[-1] <= f - 1
     if n <= 0 or n >= f:
         assert idx == list(range(f))
+    elif n == 1:
+        assert idx == [(f - 1) // 2]  # the middle frame
     else:
         assert idx[0] == 0 and idx[-1] == f - 1 and len(idx) <= n
         # evenly spaced: gaps differ by at most one frame (rounding of linspace)
@@ -160,3 +162,13 @@ def test_reward_call_shapes_and_table_default():
     x = torch.randn(4, 2)
     assert r(x).shape == (4, 1) and r.table_scale == [1.0]
     torch.testing.assert_close(r.table(x), r(x))
+
+
+def test_parse_reward_options_types_and_errors():
+    opts = R.parse_reward_options(["hps_ckpt=/w/HPS.pt", "frames=8", "tiny=true", "seed=3", "scale=0.5", "x-y=a=b"])
+    assert opts == {"hps_ckpt": "/w/HPS.pt", "frames": 8, "tiny": True, "seed": 3, "scale": 0.5, "x_y": "a=b"}
+    assert R.parse_reward_options(None) == {}
+    for bad in ["novalue", "=3"]:
+        with pytest.raises(RewardError) as e:
+            R.parse_reward_options([bad])
+        assert "\n" not in str(e.value) and "key=value" in str(e.value)

@@ -13,6 +13,15 @@ from common.rewards import RewardError, RewardWeightsMissing, build_reward
 PROMPTS = ["a red apple on a table", "a photo of a cat"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models: thread start-up and oversubscription on the shared 2-core machine cost more than they give
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _no_env(monkeypatch, tmp_path):
     for v in ["HPS_CKPT", "PICKSCORE_PATH", "PICKSCORE_PROCESSOR", "CLIP_PATH", "AESTHETIC_CKPT", "IMAGEREWARD_CKPT",
