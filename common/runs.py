@@ -6,6 +6,7 @@
       summary.json         the final evaluation passed to run.finish(), plus status and step count
       checkpoints/step_00000010.pt   the last --keep of them, each written atomically
       tb/ or wandb/        only with --logger tensorboard|wandb, when the package is installed
+      previous-<time>/     an earlier run's files, moved aside when a fresh run (no --resume) reuses the folder
 
 Only rank 0 writes; every rank may call every method (the collective ones, save and check_finite, must be called
 on all ranks). See common/config.py for the full worked example of a script.
@@ -184,11 +185,30 @@ class Run:
         self._bar = None
         self._tb = self._wandb = None
         if self.main:
+            if not self._resume_from:
+                self._set_aside_previous_run()
             os.makedirs(self.ckpt_dir, exist_ok=True)
             with open(os.path.join(out, "config.json"), "w") as fh:
                 json.dump(to_dict(cfg), fh, indent=2)
             print(f"[{method}] run directory {out}\nconfig " + json.dumps(to_dict(cfg)), flush=True)
             self._open_loggers()
+        dist.barrier()  # the directory exists (and holds no stale checkpoint) before any rank looks at it
+
+    def _set_aside_previous_run(self) -> None:
+        """A fresh run in a directory that holds an earlier run: move the earlier files to previous-<time>/ so
+        that its metrics are not mixed with ours and --resume never picks its checkpoints. Nothing is deleted."""
+        names = [n for n in ("config.json", "metrics.jsonl", "summary.json", "checkpoints")
+                 if os.path.exists(os.path.join(self.out, n))]
+        if not names:
+            return
+        aside = os.path.join(self.out, "previous-" + time.strftime("%Y%m%d-%H%M%S"))
+        while os.path.exists(aside):
+            aside += "x"
+        os.makedirs(aside)
+        for n in names:
+            os.replace(os.path.join(self.out, n), os.path.join(aside, n))
+        print(f"warning: {self.out} held an earlier run; moved its files to {aside} "
+              f"(use --resume {self.out} to continue a run)", file=sys.stderr, flush=True)
 
     # ----- logging ---------------------------------------------------------------------------------------
     def _open_loggers(self) -> None:

@@ -5,6 +5,7 @@ that every RNG state matters for an exact resume. --nan-at N makes the loss NaN 
 this process SIGINT (Ctrl-C) during step N.
 
     python tests/_infra_script.py --steps 20 --save-every 5 --out /tmp/r1
+    torchrun --standalone --nproc_per_node 2 tests/_infra_script.py --steps 20 --save-every 5 --out /tmp/r2
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common.config import RunConfig, opt, parse_config, user_errors  # noqa: E402
+from common.dist import cleanup, init_distributed, reduce_mean, wrap_ddp  # noqa: E402
 from common.runs import Run  # noqa: E402
 from common.train import EMA, autocast, clip_grad, make_optimizer, seed_everything  # noqa: E402
 
@@ -41,11 +43,14 @@ PRESETS = {"toy2d": {"hidden": 32}, "dit": {"hidden": 64, "lr": 5e-3}}
 
 def main(cfg: Config) -> Run:
     torch.set_num_threads(1)
-    seed_everything(cfg.seed)
-    run = Run(cfg, "infra")
-    net = nn.Sequential(nn.Linear(3, cfg.hidden), nn.SiLU(), nn.Dropout(0.2), nn.Linear(cfg.hidden, 2))
+    rank, world, device = init_distributed(cfg.device)
+    run = Run(cfg, "infra", device)
+    seed_everything(cfg.seed)  # same initial weights on every rank
+    net = nn.Sequential(nn.Linear(3, cfg.hidden), nn.SiLU(), nn.Dropout(0.2), nn.Linear(cfg.hidden, 2)).to(device)
     opt_ = make_optimizer(net, lr=cfg.lr, weight_decay=1e-4)
     ema = EMA(net, decay=0.9)
+    model = wrap_ddp(net, device)
+    seed_everything(cfg.seed + rank)  # each rank its own data
     state = run.resume()
     if state:
         net.load_state_dict(state["net"])
@@ -62,10 +67,10 @@ def main(cfg: Config) -> Run:
             radius = 1.0 + 0.1 * random.random()
             x0 = torch.stack([angle.cos(), angle.sin()], 1) * radius
             eps, sigma = torch.randn(cfg.batch, 2), torch.rand(cfg.batch, 1)
-            x = (1 - sigma) * x0 + sigma * eps
-            with autocast(cfg.precision, "cpu"):
-                v = net(torch.cat([x, sigma], 1))
-            loss = ((v.float() - (eps - x0)) ** 2).mean()
+            x = ((1 - sigma) * x0 + sigma * eps).to(device)
+            with autocast(cfg.precision, device):
+                v = model(torch.cat([x, sigma.to(device)], 1))
+            loss = ((v.float() - (eps - x0).to(device)) ** 2).mean()
             if step + 1 == cfg.nan_at:
                 loss = loss * float("nan")
             if step + 1 == cfg.interrupt_at:
@@ -76,10 +81,12 @@ def main(cfg: Config) -> Run:
             gn = clip_grad(net, cfg.max_grad_norm)
             opt_.step()
             ema.update()
-            run.log(step + 1, loss=loss, grad_norm=gn, per_dim=v.detach().pow(2).mean(0))
+            run.log(step + 1, loss=loss, grad_norm=gn, per_dim=v.detach().pow(2).mean(0),
+                    loss_all_ranks=reduce_mean(loss))
             if run.due(step + 1):
                 run.save(step + 1, snapshot())
     run.finish({"final_loss": loss.item()}, state=snapshot())
+    cleanup()
     return run
 
 

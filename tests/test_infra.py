@@ -209,6 +209,16 @@ def test_run_directory_layout(tmp_path):
     assert ck["step"] == 6 and ck["config"]["out"] == out and set(ck["state"]) == {"net", "opt", "ema"}
 
 
+def test_fresh_run_in_a_used_directory_sets_the_old_run_aside(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    assert run_script(["--steps", "4", "--save-every", "2", "--out", out])[0] == 0
+    assert run_script(["--steps", "2", "--out", out, "--seed", "1"])[0] == 0
+    assert [r["step"] for r in metrics(out)] == [1, 2] and [s for s, _ in list_checkpoints(out)] == [2]
+    (aside,) = [d for d in os.listdir(out) if d.startswith("previous-")]
+    assert [s for s, _ in list_checkpoints(os.path.join(out, aside))] == [2, 4]
+    assert "moved its files" in capsys.readouterr().err
+
+
 def test_default_run_directory_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, run = run_script(["--steps", "1"])
