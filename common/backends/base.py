@@ -288,8 +288,8 @@ class DiffusersBackend(Backend):
 
     # ----- helpers for velocity ----------------------------------------------------------------------
     def _net_dtype(self, net: nn.Module) -> torch.dtype:
-        for p in net.parameters():
-            return p.dtype
+        """The dtype inputs are cast to: the backend's load dtype (not the first parameter's: diffusers keeps
+        some modules, e.g. Wan's time embedder, in float32 inside a bf16 model)."""
         return self.dtype
 
     # ----- LoRA ----------------------------------------------------------------------------------------

@@ -60,7 +60,8 @@ class SD3Backend(DiffusersBackend):
             pooled = torch.cat([cond["neg_pooled_prompt_embeds"], pooled])
         else:
             x_in = x
-        out = net(hidden_states=x_in.to(dt), timestep=t.to(dt), encoder_hidden_states=pe.to(dt),
+        # t stays float32: in bf16 a raw timestep near 800 would round to a multiple of 4
+        out = net(hidden_states=x_in.to(dt), timestep=t, encoder_hidden_states=pe.to(dt),
                   pooled_projections=pooled.to(dt), return_dict=False)[0].float()
         if not cfg:
             return out

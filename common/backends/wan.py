@@ -100,7 +100,8 @@ class WanBackend(DiffusersBackend):
         cfg = g != 1.0
         if cfg:
             x, t, pe = torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond["neg_prompt_embeds"], pe])
-        out = model(hidden_states=x.to(dt), timestep=t.to(dt), encoder_hidden_states=pe.to(dt),
+        # t stays float32 (as the pipeline passes it): in bf16 a raw timestep near 800 rounds to a multiple of 4
+        out = model(hidden_states=x.to(dt), timestep=t, encoder_hidden_states=pe.to(dt),
                     return_dict=False)[0].float()
         if not cfg:
             return out
