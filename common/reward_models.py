@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.rewards import Reward, RewardError, RewardWeightsMissing, per_frame
+from common.rewards import Reward, RewardError, RewardWeightsMissing, frame_indices, per_frame
 
 log = logging.getLogger(__name__)
 
@@ -733,13 +733,15 @@ class TemporalConsistencyReward(Reward):
     media = "video"
     differentiable = True
 
-    def __init__(self, backbone: CLIPBackbone):
-        self.clip = backbone
+    def __init__(self, backbone: CLIPBackbone, frames: int = 0):
+        self.clip, self.frames = backbone, int(frames)  # frames > 1: compare evenly sampled frames (long videos)
         self.table_scale = [100.0]
 
     def score(self, media, prompts=None):
         if media.ndim != 5 or media.shape[1] < 2:
             raise RewardError(f"temporal_consistency needs videos (B, F>=2, 3, H, W), got {tuple(media.shape)}")
+        if self.frames > 1:
+            media = media[:, frame_indices(media.shape[1], self.frames).to(media.device)]
         b, f = media.shape[:2]
         e = self.clip.image(media.reshape(b * f, *media.shape[2:])).reshape(b, f, -1)  # (B, F, P)
         return cosine_rows(e[:, 1:].reshape(b * (f - 1), -1), e[:, :-1].reshape(b * (f - 1), -1)).reshape(
@@ -752,10 +754,12 @@ class TemporalConsistencyReward(Reward):
 
 
 def temporal_consistency(clip_path: str | None = None, tiny: bool = False, device="cpu", dtype=None,
-                         seed: int = 0) -> TemporalConsistencyReward:
-    """Registry factory "temporal_consistency" (CLIP ViT-L/14 from clip_path / $CLIP_PATH)."""
-    return TemporalConsistencyReward(_clip_backbone(_clip_path(clip_path, tiny), None, "CLIP ViT-L/14", "CLIP_PATH",
-                                                    tiny, device, _dtype(dtype), seed, HUB["clip"]))
+                         seed: int = 0, temporal_frames: int = 0) -> TemporalConsistencyReward:
+    """Registry factory "temporal_consistency" (CLIP ViT-L/14 from clip_path / $CLIP_PATH); temporal_frames > 1
+    compares that many evenly sampled frames instead of all adjacent frames (cheaper on long videos)."""
+    bb = _clip_backbone(_clip_path(clip_path, tiny), None, "CLIP ViT-L/14", "CLIP_PATH", tiny, device, _dtype(dtype),
+                        seed, HUB["clip"])
+    return TemporalConsistencyReward(bb, temporal_frames)
 
 
 def text_alignment(clip_path: str | None = None, tiny: bool = False, device="cpu", dtype=None, seed: int = 0,

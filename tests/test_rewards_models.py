@@ -258,6 +258,29 @@ def test_imagereward_mapping_is_a_bijection_on_every_released_key(tiny_ir):
     assert len(released) == len(target) + len(RM.IMAGEREWARD_DROPPED)
 
 
+# ImageReward-v1.0 as released: BLIP ViT-L/16 at 224 px (BLIP_Pretrain(vit="large")), med_config.json of BLIP
+RELEASED_VIT = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "image_size": 224,
+                "patch_size": 16}
+RELEASED_MED = {"architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
+                "hidden_dropout_prob": 0.1, "hidden_size": 768, "initializer_range": 0.02, "intermediate_size": 3072,
+                "layer_norm_eps": 1e-12, "max_position_embeddings": 512, "model_type": "bert",
+                "num_attention_heads": 12, "num_hidden_layers": 12, "pad_token_id": 0, "type_vocab_size": 2,
+                "vocab_size": 30524, "encoder_width": 768, "add_cross_attention": True}
+
+
+def test_imagereward_mapping_covers_the_released_size_on_meta():
+    """The same bijection at the released size (ViT-L/16, BERT-base, 625 keys), with no memory: meta tensors."""
+    released = released_imagereward_layout(RELEASED_VIT, RELEASED_MED, 256)
+    sd = {k: torch.empty(shape, device="meta") for k, shape in released.items()}
+    vcfg, tcfg, embed = RM.imagereward_configs(sd, RELEASED_MED)
+    assert (vcfg.num_attention_heads, vcfg.image_size, tcfg.encoder_hidden_size, embed) == (16, 224, 1024, 256)
+    with torch.device("meta"):
+        model = RM.BlipImageReward(vcfg, tcfg, embed)
+    target = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    mapped = {RM.imagereward_key_to_hf(k): s for k, s in released.items() if k not in RM.IMAGEREWARD_DROPPED}
+    assert len(mapped) == len(released) - 1 == len(target) and mapped == target
+
+
 def test_imagereward_vision_mapping_reproduces_a_timm_vit(tiny_ir):
     """BLIP's vit.py is timm's VisionTransformer: a random timm ViT under "blip.visual_encoder." names, loaded
     through the mapping, must give the same image tokens in transformers' BlipVisionModel."""
@@ -369,9 +392,18 @@ def test_video_rewards_shapes_and_properties():
     with torch.no_grad():  # an image reward on a static video equals the reward of its frame
         torch.testing.assert_close(s[:, 0], hps(frame, PROMPTS)[:, 0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(s[:, 3], clip(frame, PROMPTS)[:, 0], atol=1e-5, rtol=1e-5)
+    sub = RM.temporal_consistency(tiny=True, temporal_frames=3)  # frames 0, 2/3, 5 of 6: compared pairwise
+    with torch.no_grad():
+        e = mr.rewards[1].clip.image(moving[:, frame_indices_ref(6, 3)].reshape(6, 3, 32, 32)).reshape(2, 3, -1)
+        ref = (F.cosine_similarity(e[:, 1:], e[:, :-1], dim=-1)).mean(1)
+        torch.testing.assert_close(sub(moving)[:, 0], ref, atol=1e-5, rtol=1e-5)
     v = moving.clone().requires_grad_(True)
     mr.combine(mr(v, PROMPTS)).sum().backward()
     assert v.grad.abs().sum() > 0
+
+
+def frame_indices_ref(f, n):
+    return [round(i * (f - 1) / (n - 1)) for i in range(n)]
 
 
 def test_image_rewards_average_videos_over_frames_and_check_inputs():
