@@ -214,9 +214,14 @@ def _bounds(f: dataclasses.Field) -> tuple[float | None, float | None]:
 
 
 def _validate(cfg: Any, checks: Sequence[Callable[[Any], str | None]]) -> None:
+    hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         flag = "--" + f.name.replace("_", "-")
+        tp, optional = _unwrap_optional(hints[f.name])
+        if typing.get_origin(tp) is Literal and not (optional and value is None) \
+                and value not in typing.get_args(tp):  # a preset or a saved config bypasses argparse's check
+            die(f"{flag}: choose one of {', '.join(map(str, typing.get_args(tp)))} (got {value!r})")
         lo, hi = _bounds(f)
         for v in (value if isinstance(value, (list, tuple)) else [value]):
             if isinstance(v, (int, float)) and not isinstance(v, bool):

@@ -22,14 +22,16 @@ from torch import nn
 def seed_everything(seed: int, deterministic: bool = True) -> None:
     """Seed python's random, numpy's global RNG and torch (every device), so one seed repeats a CPU run bit for bit.
 
-    deterministic=True also asks torch for deterministic kernels (warn_only: an op without a deterministic
-    version warns instead of failing) and turns off cuDNN autotuning; on CUDA the cuBLAS workspace variable
-    has to be set before the first cuBLAS call, which is why it is set here.
+    deterministic=True on a CUDA machine also asks torch for deterministic kernels (warn_only: an op without a
+    deterministic version warns instead of failing) and turns off cuDNN autotuning; the cuBLAS workspace variable
+    has to be set before the first cuBLAS call, which is why it is set here. CPU kernels are deterministic at a
+    fixed thread count already, and torch.use_deterministic_algorithms imports torch._dynamo/_inductor (seconds),
+    so a CPU-only machine skips it.
     """
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # seeds CUDA too
-    if deterministic:
+    if deterministic and torch.cuda.is_available():
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False

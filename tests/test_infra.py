@@ -139,6 +139,9 @@ def test_checks_and_preset_typos(capsys):
     with pytest.raises(SystemExit):
         parse_config(Cfg, [], presets={"toy2d": {"nfee": 3}})
     assert "unknown field 'nfee'" in _one_error_line(capsys)
+    with pytest.raises(SystemExit):
+        parse_config(Cfg, [], presets={"toy2d": {"gate": "soft", "nfe": 0}})
+    assert "--gate: choose one of" in _one_error_line(capsys)
 
 
 @pytest.mark.parametrize("exc", [RewardError("unknown reward 'q'"), BackendError("no weights at /w"),
