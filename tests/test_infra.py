@@ -140,7 +140,7 @@ def test_checks_and_preset_typos(capsys):
         parse_config(Cfg, [], presets={"toy2d": {"nfee": 3}})
     assert "unknown field 'nfee'" in _one_error_line(capsys)
     with pytest.raises(SystemExit):
-        parse_config(Cfg, [], presets={"toy2d": {"gate": "soft", "nfe": 0}})
+        parse_config(Cfg, [], presets={"toy2d": {"gate": "soft"}})
     assert "--gate: choose one of" in _one_error_line(capsys)
 
 
