@@ -158,17 +158,18 @@ class Run:
     """One training run's directory and bookkeeping (see the module docstring for the layout).
 
     cfg: the config dataclass (fields out, resume, steps, save_every, keep, logger, teacher are read when present).
-    method: 'rats' | 'otca' | 'rtdmd' (names the default directory). device: for peak memory.
-    show: the metric names on the tqdm bar (default: the first four logged).
+    method: 'rats' | 'otca' | 'rtdmd' (names the default directory). device: for peak memory (CUDA's counter
+    when it is a GPU). show: the metric names on the tqdm bar (default: the first four logged). total: the
+    bar's length when the last logged step is not cfg.steps (e.g. stage-1 steps + stage-2 epochs).
     Attributes: out (the directory), step (steps completed: 0, or the resumed step), main (rank 0).
     """
 
     def __init__(self, cfg: Any, method: str, device: torch.device | str | None = None,
-                 show: list[str] | None = None):
+                 show: list[str] | None = None, total: int | None = None):
         self.cfg, self.method, self.device, self.show = cfg, method, device, show
         self.main = dist.is_main()
         self.step = 0
-        self.steps = getattr(cfg, "steps", None)
+        self.steps = total if total is not None else getattr(cfg, "steps", None)
         self.keep = getattr(cfg, "keep", 3)
         self.save_every = getattr(cfg, "save_every", 0)
         self._resume_from = getattr(cfg, "resume", "") or ""
