@@ -1,0 +1,361 @@
+"""OTCA: GRPO for flow-matching generators with objective-aware trajectory credit assignment.
+
+Paper: "Learning to Credit the Right Steps: Objective-aware Process Optimization for Visual Generation",
+R. Li, K. Hao, Y. Liang, H. Huang, C. Zhang, Y. Gu, X. Li, arXiv 2604.19234 (Apr 2026).
+
+What this script implements (one code path for every backend; the maths lives in common/credit.py):
+  * the Flow-GRPO / DanceGRPO loop: SDE rollouts in groups of G samples per prompt (contiguous, Cond.repeat) with
+    the log-probability of every transition stored under no_grad; M reward objectives on the final samples;
+    advantages; then, for every trained denoising step in turn, the log-probability recomputed under the current
+    network, the PPO clipped surrogate, and backward (only one step's graph is alive at a time); one optimizer
+    step per minibatch.
+  * TCD (trajectory-level credit decomposition): per-sample step credit from the cosine progress of the stored
+    trajectory, s_t = cos(z_t, z_K), w_t = max(s_{t+1} - s_t, 0) + eps_w, mean one over the trained steps.
+  * MOCA (multi-objective credit allocation): per-objective group z-scores, objectives with zero variance in a
+    group masked, the per-sample closed-form min-norm convex weights, mixed with a prior (rho = 0.2), fused, then
+    clamped to +-5, then multiplied by the step credit: A[i, t] = omega[i, t] * A_bar[i]; one clipped surrogate.
+Baselines and ablations are flags (shared/spec/decisions.md, OTCA):
+  --credit uniform --objectives static        plain GRPO on the static weighted sum of per-objective z-scores
+  --credit tcd     --objectives static        TCD only
+  --credit uniform --objectives moca          MOCA only
+  --credit tcd     --objectives moca          OTCA (the default)
+  --objectives sum                            DanceGRPO: the weighted sum of per-objective clipped losses
+  --credit-source x0 | --credit-norm sum_one | --sde flow_grpo | --beta-kl 0.04 | --train-fraction 0.6
+  --prior reward                              the --reward weights as the prior (default uniform)
+
+What it simplifies, and why:
+  * The paper's method section could not be read (shared/spec/otca.md section 0); TCD's and MOCA's constants and
+    normalisations are the reconstructions of that spec (eps_w = 1e-3, rho = 0.2, uniform prior, mean-one credit).
+  * The credit and the objective weights are computed once per rollout from the behaviour policy (no gradient).
+  * Full fine-tuning of backend.trainable_parameters; LoRA, FSDP and gradient checkpointing are the backends'
+    business. No EMA, no CFG during training (guidance as the backend's default).
+  * Evaluation: deterministic Euler sampling from held-out noise on the held-out prompts, before and after.
+
+Launch:
+  python otca.py                                                      # toy world, CPU, about a minute
+  python otca.py --teacher flux --reward hps:1,clip:1 --steps 200     # one GPU (use --tiny for an offline smoke run)
+  torchrun --nproc-per-node 8 otca.py --teacher wan --reward video_quality,text_alignment --steps 300
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from common import dist
+from common.backend import Backend, get_backend
+from common.config import ConfigError, RunConfig, opt, parse_config, user_errors
+from common.credit import (moca_fuse, objective_advantages, per_objective_clipped_loss, fused_clipped_loss,
+                           step_advantages, tcd_credit, uniform_credit)
+from common.evaluate import held_out, sample_final
+from common.flow import rollout, sde_step, transition_logprob
+from common.prompts import load_prompts
+from common.rewards import build_reward
+from common.rl import clip_fraction, gaussian_kl_same_std
+from common.runs import Run
+from common.train import autocast, clip_grad, make_optimizer, seed_everything
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Config: toy-friendly defaults, one preset per backend
+# ------------------------------------------------------------------------------------------------------------
+@dataclass
+class Config(RunConfig):
+    """OTCA-GRPO: group rollouts, objective-aware step credit, clipped surrogate."""
+
+    teacher: str = opt("toy2d", "backend: toy2d | dit | flux | wan | sd3 | flux2")
+    tiny: bool = opt(False, "tiny random model of the backend (offline, CPU smoke runs)")
+    pretrained: str = opt("", "hub id or local directory of the base model ('' = the backend's default)")
+    reward: str = opt("toy_otca", "reward spec: name[:weight],... (M objectives = the reward's columns)")
+    prompts: str = opt("", "prompt file (.txt/.json/.jsonl/.csv; '' or builtin = the backend's train list)")
+    # --- rollouts
+    nfe: int = opt(10, "sampler steps K of a rollout")
+    shift: float | None = opt(None, "schedule shift (none = the backend's default)")
+    sde: Literal["dance", "flow_grpo"] = opt("dance", "SDE of the rollouts: dance (constant eta) | flow_grpo (a)")
+    noise_level: float | None = opt(None, "eta (dance) or a (flow_grpo); none = 0.3 | 0.7", min=0)
+    group_size: int = opt(8, "G samples per prompt (a group)", min=2)
+    prompts_per_step: int = opt(8, "prompts (groups) per rollout batch on each rank", min=1)
+    same_noise: bool = opt(False, "share the initial noise inside a group (DanceGRPO init_same_noise)")
+    micro_batch: int = opt(0, "samples per forward pass, rollout and training alike (0 = all)", min=0)
+    # --- credit and objectives
+    credit: Literal["tcd", "uniform"] = opt("tcd", "step credit: tcd (OTCA) | uniform (plain GRPO)")
+    credit_source: Literal["states", "x0"] = opt("states", "TCD progress of the states z_t or of the x0-predictions")
+    credit_norm: Literal["mean_one", "sum_one"] = opt("mean_one", "credit normalisation per sample")
+    eps_w: float = opt(1e-3, "TCD floor added to the truncated progress", min=0)
+    objectives: Literal["moca", "static", "sum"] = opt(
+        "moca", "moca (min-norm + prior) | static (prior-weighted sum, rho = 1) | sum (per-objective clipped losses)")
+    rho: float = opt(0.2, "MOCA mixing weight of the prior", min=0, max=1)
+    prior: Literal["uniform", "reward"] = opt("uniform", "MOCA prior: uniform | the --reward weights")
+    adv_clamp: float = opt(5.0, "clamp of the fused sample advantage", min=0)
+    std_ddof: int = opt(1, "group std: 1 unbiased (DanceGRPO) | 0 population (Flow-GRPO)", min=0, max=1)
+    # --- training steps and loss
+    train_fraction: float = opt(1.0, "fraction of the K-1 non-final steps trained; < 1: a random subset per sample",
+                                min=0, max=1)
+    clip: float = opt(1e-4, "PPO clip range", min=0)
+    beta_kl: float = opt(0.0, "weight of the same-covariance Gaussian KL to the reference (base) policy", min=0)
+    inner_epochs: int = opt(1, "passes over each rollout batch", min=1)
+    minibatches: int = opt(1, "optimizer steps per pass (the batch is split by groups)", min=1)
+    lr: float = opt(3e-4, "AdamW learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay", min=0)
+    max_grad_norm: float = opt(1.0, "gradient-norm clip (0 = none)", min=0)
+    # --- evaluation and checks
+    eval_samples: int = opt(1024, "held-out samples per evaluation (split over the eval prompts)", min=0)
+    eval_every: int = opt(0, "evaluate every N steps (0 = only before and after)", min=0)
+    debug: bool = opt(False, "assert the importance ratio is exactly 1 on the first inner step")
+
+
+PRESETS = {
+    "toy2d": {"steps": 200, "nfe": 10, "group_size": 8, "prompts_per_step": 8, "lr": 3e-4, "clip": 1e-3,
+              "eval_samples": 2048},
+    "dit": {"steps": 40, "nfe": 8, "group_size": 6, "prompts_per_step": 4, "lr": 1e-4, "reward": "dit_color,dit_size",
+            "eval_samples": 64, "clip": 1e-3},
+    "flux": {"nfe": 16, "shift": 3.0, "group_size": 12, "prompts_per_step": 1, "lr": 1e-5, "precision": "bf16",
+             "reward": "hps,clip", "train_fraction": 0.6, "eval_samples": 64, "micro_batch": 4},
+    "wan": {"nfe": 12, "shift": 3.0, "group_size": 12, "prompts_per_step": 1, "lr": 1e-5, "precision": "bf16",
+            "reward": "temporal_consistency,text_alignment", "train_fraction": 0.6, "eval_samples": 16,
+            "micro_batch": 2, "clip": 1e-3},
+    "sd3": {"nfe": 10, "sde": "flow_grpo", "group_size": 24, "prompts_per_step": 1, "lr": 3e-4, "beta_kl": 0.04,
+            "precision": "bf16", "reward": "pickscore,clip", "eval_samples": 64, "micro_batch": 8},
+    "flux2": {"nfe": 16, "group_size": 12, "prompts_per_step": 1, "lr": 1e-5, "precision": "bf16",
+              "reward": "hps,clip", "train_fraction": 0.6, "eval_samples": 64, "micro_batch": 4},
+}
+
+
+def checks(cfg: Config) -> str | None:
+    if cfg.nfe < 2:
+        return "--nfe must be at least 2: the last step is deterministic and never trained"
+    if cfg.minibatches > cfg.prompts_per_step:
+        return f"--minibatches {cfg.minibatches} exceeds --prompts-per-step {cfg.prompts_per_step} (split by groups)"
+    if cfg.train_fraction * (cfg.nfe - 1) < 1 and cfg.train_fraction < 1:
+        return f"--train-fraction {cfg.train_fraction} trains no step of {cfg.nfe - 1}: raise it"
+    return None
+
+
+def batch_layout(n_groups: int, G: int, minibatches: int, micro_batch: int) -> list[list[slice]]:
+    """The forward chunks of every minibatch: minibatches are contiguous runs of whole groups, and each is cut into
+    forward chunks of micro_batch samples (0 = the whole minibatch). The rollout and the training recomputation use
+    exactly these chunks, so a network whose output depends on the batch composition (any batched matmul) still
+    gives an importance ratio of exactly 1 on-policy: the training pass forwards whole chunks and masks the loss."""
+    out, start = [], 0
+    for gs in torch.arange(n_groups).chunk(minibatches):
+        n = len(gs) * G
+        size = micro_batch or n
+        out.append([slice(i, min(i + size, start + n)) for i in range(start, start + n, size)])
+        start += n
+    return out
+
+
+def trained_mask(B: int, K: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """(B, K) bool: the steps each sample trains. Never the last (deterministic) step. fraction = 1: steps 0..K-2 in
+    order (Flow-GRPO); < 1: an independent random subset of round(fraction (K - 1)) steps per sample (DanceGRPO)."""
+    mask = torch.zeros(B, K, dtype=torch.bool)
+    if fraction >= 1:
+        mask[:, :K - 1] = True
+        return mask
+    n = max(1, int(round(fraction * (K - 1))))
+    idx = torch.rand(B, K - 1, generator=generator).argsort(1)[:, :n]
+    return mask.scatter_(1, idx, True)
+
+
+def finite_or_none(t: torch.Tensor) -> list:
+    """A per-step statistic as a JSON list: None where no sample trained that step (instead of NaN)."""
+    return [v if math.isfinite(v) else None for v in t.tolist()]
+
+
+@torch.no_grad()
+def evaluate(backend, net, reward, held, sigmas, micro_batch, precision, device):
+    """Mean reward per objective (and combined) of deterministic Euler samples of the fixed held-out set
+    (common.evaluate.held_out: eval prompts x fixed noise); each rank samples every world-th row: {name: float}."""
+    _, cond, noise = held
+    rows = list(range(dist.rank(), noise.shape[0], dist.world_size()))
+    cond, noise = cond.select(rows), noise[rows]
+    with autocast(precision, device):
+        lat = sample_final(backend, net, cond, noise, sigmas, batch_size=micro_batch or None)
+    r = dist.all_gather_cat(reward(backend.decode(lat).float(), cond.prompts).float()).cpu()
+    out = {n: float(r[:, m].mean()) for m, n in enumerate(reward.names)}
+    out["combined"] = float(reward.combine(r).mean())
+    return out
+
+
+def main(cfg: Config) -> dict:
+    rank, world, device = dist.init_distributed(cfg.device)
+    seed_everything(cfg.seed + rank)
+    backend = get_backend(cfg.teacher, device=device, tiny=cfg.tiny, seed=cfg.seed,
+                          **({"pretrained": cfg.pretrained} if cfg.pretrained else {}),
+                          **({"dtype": torch.bfloat16} if cfg.precision == "bf16" else {}))
+    reward = build_reward(cfg.reward, tiny=cfg.tiny, device=device, dataset=getattr(backend, "dataset", None)
+                          and backend.dataset.name).to(device)
+    M = len(reward.names)
+    net = backend.network
+    net.train()
+    params = backend.trainable_parameters(net)
+    if not params:
+        raise ConfigError(f"backend {cfg.teacher} exposes no trainable parameters")
+    if cfg.beta_kl > 0 and type(backend).reference is Backend.reference:
+        backend.keep_reference(net)  # full fine-tuning: freeze a copy of the base policy as the reference
+    opt_ = make_optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    run = Run(cfg, "otca", device=device, show=["reward", "clip_frac", "loss"])
+    train_prompts = load_prompts(cfg.prompts) if cfg.prompts not in ("", "builtin") else backend.prompts("train")
+    eval_prompts = backend.prompts("eval")
+    K = cfg.nfe
+    sigmas = backend.sigmas(K, shift=cfg.shift).to(device)
+    eta = cfg.noise_level if cfg.noise_level is not None else (0.3 if cfg.sde == "dance" else 0.7)
+    G, n_groups = cfg.group_size, cfg.prompts_per_step
+    B = G * n_groups
+    layout = batch_layout(n_groups, G, cfg.minibatches, cfg.micro_batch)  # forward chunks per minibatch
+    prior = reward.weights.to(device) if cfg.prior == "reward" else None
+    lam = (reward.weights if cfg.prior == "reward" else torch.ones(M)).to(device)
+    lam = lam / lam.sum()  # clip-then-sum coefficients (DanceGRPO's vq_coef, mq_coef), summing to one
+    # held-out prompts and noise (their own generator): the same set before and after, and for every variant
+    n_per = max(1, cfg.eval_samples // len(eval_prompts))
+    held = held_out(backend, n_per_prompt=n_per, seed=10_000 + cfg.seed) if cfg.eval_samples else None
+    ev = lambda: evaluate(backend, net, reward, held, sigmas, cfg.micro_batch, cfg.precision, device) if held else {}
+    state = run.resume()
+    if state:
+        net.load_state_dict(state["net"])
+        opt_.load_state_dict(state["opt"])
+        rewards_init = state["rewards_init"]
+    else:
+        net.eval()
+        rewards_init = ev()
+        net.train()
+    snapshot = lambda: {"net": net.state_dict(), "opt": opt_.state_dict(), "rewards_init": rewards_init}
+    g_steps = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 1)
+    credit_sum, credit_n = torch.zeros(K), 0
+
+    with run.interrupt_guard(snapshot):
+        for step in range(run.step, cfg.steps):
+            # ===================================== rollout =====================================================
+            # n_groups prompts on this rank, each repeated G times consecutively; no gradients, log-probs stored.
+            pidx = torch.randint(len(train_prompts), (n_groups,), generator=g_steps)
+            cond = backend.encode([train_prompts[i] for i in pidx]).repeat(G)
+            z0 = backend.noise(n_groups if cfg.same_noise else B)
+            z0 = z0.repeat_interleave(G, 0) if cfg.same_noise else z0
+            net.eval()
+            trajs = []
+            with torch.no_grad(), autocast(cfg.precision, device):
+                for sl in [sl for mb in layout for sl in mb]:
+                    trajs.append(rollout(backend.velocity_fn(net, cond.select(sl)), z0[sl], sigmas, kind=cfg.sde,
+                                         noise_level=eta))
+            states = torch.cat([t.states for t in trajs])          # (B, K+1, *latent)
+            x0s = torch.cat([t.x0 for t in trajs])                 # (B, K, *latent)
+            logp_old = torch.cat([t.logprobs for t in trajs])      # (B, K), mean over latent dims
+            # ===================================== reward ======================================================
+            with torch.no_grad():
+                r_local = reward(backend.decode(states[:, -1]).float(), cond.prompts).float()  # (B, M)
+            r_all = dist.all_gather_cat(r_local)  # every rank's groups, so that the statistics match one process
+            # ===================================== advantage and credit ========================================
+            a_all, valid_all = objective_advantages(r_all, G, ddof=cfg.std_ddof)          # (world B, M) each
+            if cfg.objectives == "moca":
+                fused_all, c_all = moca_fuse(a_all, valid_all, rho=cfg.rho, prior=prior, clamp=cfg.adv_clamp)
+            else:  # static: the prior-weighted sum (rho = 1); sum: per-objective losses, weights lam
+                fused_all, c_all = moca_fuse(a_all, valid_all, rho=1.0, prior=prior, clamp=cfg.adv_clamp)
+            fused = dist.local_rows(fused_all, B)                                         # (B,)
+            a_obj = dist.local_rows(a_all, B).clamp(-cfg.adv_clamp, cfg.adv_clamp)        # (B, M)
+            trained = trained_mask(B, K, cfg.train_fraction, g_steps).to(device)          # (B, K)
+            if cfg.credit == "tcd":
+                omega = tcd_credit(states, trained, x0=x0s, source=cfg.credit_source, eps_w=cfg.eps_w,
+                                   norm=cfg.credit_norm)                                  # (B, K)
+            else:
+                omega = uniform_credit(trained, cfg.credit_norm)
+            adv = step_advantages(fused, omega)                                           # (B, K)
+            adv_obj = step_advantages(a_obj, omega)                                       # (B, K, M)
+            n_trained = trained.sum(1).clamp_min(1).float()                               # |S_i|
+            credit_sum += (omega * trained).sum(0).cpu() / trained.sum(0).clamp_min(1).cpu()
+            credit_n += 1
+            # ===================================== loss and update ============================================
+            # Per trained step t: recompute log pi(z_{t+1} | z_t) with gradients, clipped surrogate, backward at
+            # once (one step's graph alive). Weight 1 / (n |S_i|) per (i, t in S_i): J = mean_i mean_{t in S_i} over the
+            # n samples of the minibatch. Rows that do not train step t ride along in their chunk, masked out.
+            net.train()
+            ratio_min, ratio_max = torch.full((K,), float("nan")), torch.full((K,), float("nan"))
+            ratio_mean = torch.zeros(K)
+            ratio_cnt, clipped, total_loss, total_kl, first_dev = torch.zeros(K), [], 0.0, 0.0, 0.0
+            for epoch in range(cfg.inner_epochs):
+                for mb_i, mb in enumerate(layout):
+                    n_rows = mb[-1].stop - mb[0].start
+                    first_inner = epoch == 0 and mb_i == 0
+                    opt_.zero_grad(set_to_none=True)
+                    for t in range(K - 1):
+                        for sl in mb:
+                            m_t = trained[sl, t]                                          # rows training step t
+                            if not bool(m_t.any()):
+                                continue
+                            c_sl = cond.select(sl)
+                            with autocast(cfg.precision, device):
+                                lp, mean, std = transition_logprob(
+                                    backend.velocity_fn(net, c_sl), states[sl, t], states[sl, t + 1],
+                                    sigmas[t], sigmas[t + 1], cfg.sde, eta, sigma_max=float(sigmas[1]))
+                            if cfg.objectives == "sum":
+                                loss_i, ratio = per_objective_clipped_loss(lp, logp_old[sl, t], adv_obj[sl, t], lam,
+                                                                           cfg.clip)
+                            else:
+                                loss_i, ratio = fused_clipped_loss(lp, logp_old[sl, t], adv[sl, t], cfg.clip)
+                            if cfg.beta_kl > 0:
+                                with torch.no_grad(), backend.reference(net) as ref, autocast(cfg.precision, device):
+                                    v_ref = backend.velocity(ref, states[sl, t], sigmas[t].expand(m_t.numel()), c_sl)
+                                    _, mean_ref, _ = sde_step(states[sl, t], v_ref, sigmas[t], sigmas[t + 1],
+                                                              cfg.sde, eta, noise=torch.zeros_like(mean),
+                                                              sigma_max=float(sigmas[1]))
+                                kl = gaussian_kl_same_std(mean, mean_ref, std)
+                                loss_i = loss_i + cfg.beta_kl * kl
+                                total_kl += float((m_t * kl.detach() / n_trained[sl]).sum()) / n_rows
+                            rd = ratio.detach().float()[m_t].cpu()
+                            if first_inner:  # on-policy: the ratio must be exactly 1 (anchors.md pitfall 5)
+                                first_dev = max(first_dev, float((rd - 1).abs().max()))
+                                assert not cfg.debug or first_dev == 0.0, f"ratio != 1 on-policy at step {t}: {rd}"
+                            loss = (m_t * loss_i / n_trained[sl]).sum() / n_rows  # this minibatch's J, step t
+                            run.check_finite(loss=loss)
+                            loss.backward()
+                            total_loss += float(loss.detach())
+                            ratio_min[t] = torch.fmin(ratio_min[t], rd.min())  # fmin/fmax skip the initial NaN
+                            ratio_max[t] = torch.fmax(ratio_max[t], rd.max())
+                            ratio_mean[t] += rd.sum()
+                            ratio_cnt[t] += rd.numel()
+                            clipped.append(rd)
+                    grad_norm = clip_grad(params, cfg.max_grad_norm)
+                    opt_.step()
+            # ===================================== log =========================================================
+            n_updates = cfg.inner_epochs * cfg.minibatches
+            r_groups = r_all.reshape(-1, G, M)
+            zero_var = (~valid_all).reshape(-1, G, M)[:, 0]                               # (groups, M)
+            metrics = {"reward": float(reward.combine(r_all).mean()), "loss": total_loss / n_updates,
+                       "clip_frac": float(clip_fraction(torch.cat(clipped), cfg.clip)), "grad_norm": grad_norm,
+                       "zero_var_groups": float(zero_var.any(1).float().mean()),
+                       "credit": (omega * trained).sum(0) / trained.sum(0).clamp_min(1),   # mean over samples
+                       "obj_weights": c_all.mean(0), "adv_abs": fused.abs().mean(),
+                       "ratio_min": finite_or_none(ratio_min[:K - 1]), "ratio_max": finite_or_none(ratio_max[:K - 1]),
+                       "ratio_mean": finite_or_none((ratio_mean / ratio_cnt)[:K - 1]), "ratio_first_dev": first_dev}
+            for m, name in enumerate(reward.names):
+                metrics[f"r_{name}"] = float(r_groups[..., m].mean())
+                metrics[f"r_{name}_gstd"] = float(r_groups[..., m].std(1, correction=cfg.std_ddof).mean())
+                metrics[f"zero_var_{name}"] = float(zero_var[:, m].float().mean())
+            if cfg.beta_kl > 0:
+                metrics["kl"] = total_kl / n_updates
+            # ===================================== eval and save ===============================================
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+                net.eval()
+                metrics.update({f"eval_{k}": v for k, v in ev().items()})
+                net.train()
+            run.log(step + 1, **metrics)
+            if run.due(step + 1):
+                run.save(step + 1, snapshot())
+
+    net.eval()
+    rewards = ev()
+    summary = {"rewards_init": rewards_init, "rewards": rewards, "objectives": reward.names,
+               "credit_per_step": (credit_sum / max(credit_n, 1)).tolist(),
+               "eval": {"sampler": "euler", "nfe": K, "samples": n_per * len(eval_prompts) if held else 0,
+                        "prompts": eval_prompts}}
+    if dist.is_main():
+        print("rewards before", rewards_init, "\nrewards after ", rewards)
+    run.finish(summary, snapshot())
+    dist.cleanup()
+    return summary
+
+
+if __name__ == "__main__":
+    with user_errors():
+        main(parse_config(Config, presets=PRESETS, checks=[checks]))
