@@ -30,7 +30,8 @@ A missing file raises common.rewards.RewardWeightsMissing with one line naming w
 Every factory takes tiny=True: without a weights location it builds a tiny random model of the same
 architecture (seeded by `seed`), offline; with a location, tiny=True tells the loader to expect a tiny
 architecture (for HPS, whose checkpoint carries no config). Preprocessing is differentiable
-(shortest-side bicubic resize with antialias, centre crop, normalise), so gradients reach the pixels.
+(bicubic resize with antialias, centre crop, or for HPS the letterbox of HPSv2's own evaluation transform;
+normalise), so gradients reach the pixels.
 """
 from __future__ import annotations
 
@@ -100,6 +101,22 @@ def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     return x
 
 
+def resize_longest_pad(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, size, size): bicubic resize (antialias) of the LONGER side to `size`, keeping the
+    aspect ratio (new side = round(side * size / max(H, W))), then zero padding centred (left/top get the floor
+    half): HPSv2's evaluation transform (open_clip's image_transform(..., resize_longest_max=True), a letterbox).
+    For square images it equals resize_center_crop. Differentiable; a size x size input is returned unchanged."""
+    h, w = x.shape[-2:]
+    if (h, w) == (size, size):
+        return x
+    scale = size / max(h, w)
+    nh, nw = round(h * scale), round(w * scale)
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+    ph, pw = size - nh, size - nw
+    return F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))  # black borders, before normalisation
+
+
 def normalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """(B, 3, H, W) in [0, 1] -> (x - mean_c) / std_c per channel."""
     m = torch.tensor(mean, dtype=x.dtype, device=x.device)[:, None, None]
@@ -107,9 +124,10 @@ def normalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
     return (x - m) / s
 
 
-def preprocess(images: torch.Tensor, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
-    """Images (B, 3, H, W) in [0, 1] -> model input (B, 3, size, size): resize_center_crop then normalise."""
-    return normalise(resize_center_crop(images, size), mean, std)
+def preprocess(images: torch.Tensor, size: int, mean=CLIP_MEAN, std=CLIP_STD, letterbox: bool = False) -> torch.Tensor:
+    """Images (B, 3, H, W) in [0, 1] -> model input (B, 3, size, size): resize_center_crop (or, with letterbox,
+    resize_longest_pad) then normalise."""
+    return normalise((resize_longest_pad if letterbox else resize_center_crop)(images, size), mean, std)
 
 
 def cosine_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -231,8 +249,8 @@ class ImageModelReward(Reward):
         self.device = torch.device(device)
         return self
 
-    def _pixels(self, images, size, mean=CLIP_MEAN, std=CLIP_STD):
-        return preprocess(images.to(self.device, torch.float32), size, mean, std).to(self.dtype)
+    def _pixels(self, images, size, mean=CLIP_MEAN, std=CLIP_STD, letterbox=False):
+        return preprocess(images.to(self.device, torch.float32), size, mean, std, letterbox).to(self.dtype)
 
 
 # ----- HPSv2.1 (open_clip) ----------------------------------------------------------------------------------
@@ -289,7 +307,8 @@ class HPSReward(ImageModelReward):
 
     def score_images(self, images, prompts):
         uniq, idx = _unique_prompts(prompts, images.shape[0], "hps")
-        img = self.model.encode_image(self._pixels(images, self.size), normalize=True)
+        # HPSv2 letterboxes (resize the longer side, pad): the same as a centre crop for square images
+        img = self.model.encode_image(self._pixels(images, self.size, letterbox=True), normalize=True)
         txt = self.model.encode_text(self.tokenizer(uniq).to(self.device), normalize=True)
         return cosine_rows(img, txt[idx.to(self.device)])  # diag(image_features @ text_features.T)
 

@@ -60,6 +60,23 @@ def test_resize_center_crop_matches_torchvision(hw):
         assert torch.equal(RM.resize_center_crop(x, 32), x)  # native size: untouched
 
 
+@pytest.mark.parametrize("hw", [(32, 32), (48, 64), (70, 40), (20, 24), (33, 31)])
+def test_resize_longest_pad_matches_torchvision_letterbox(hw):
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    x = torch.rand(2, 3, *hw)
+    s = 32 / max(hw)
+    new = [round(hw[0] * s), round(hw[1] * s)]
+    ref = x if new == list(hw) else TF.resize(x, new, InterpolationMode.BICUBIC, antialias=True)
+    ref = TF.center_crop(ref, 32)  # torchvision pads with zeros when the image is smaller than the crop
+    out = RM.resize_longest_pad(x, 32)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    xg = x.clone().requires_grad_(True)
+    RM.resize_longest_pad(xg, 32).sum().backward()
+    assert xg.grad.abs().sum() > 0
+
+
 # ----- HPSv2.1 ---------------------------------------------------------------------------------------------
 
 def test_hps_checkpoint_round_trip_equals_open_clip(tmp_path, monkeypatch):
