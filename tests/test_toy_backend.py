@@ -90,6 +90,8 @@ def test_class_conditional_exact_teacher_and_cfg(tmp_path):
     vg = b.velocity(b.exact, x[:3], 0.4, cond.select([0, 1, 2]), guidance=g)
     vu = null.velocity(x[:3], 0.4)
     torch.testing.assert_close(vg, vu + g * (v[:3] - vu))
+    # a batch-1 condition is broadcast over the batch
+    torch.testing.assert_close(b.velocity(b.exact, x, 0.4, b.encode(["class 1"])), b.mixture[1].velocity(x, 0.4))
     # the class-conditional MLP takes the same path
     assert b.velocity(b.network, x, 0.4, cond, guidance=2.0).shape == (4, 2)
 

@@ -72,13 +72,15 @@ def main(argv=None) -> int:
     backend = Toy2DBackend()
     mix: GaussianMixture = backend.mixture[0]
     lin, quad = linear_reward(), quadratic_reward()
-    panels = [("teacher p_T", mix, 0.0)]
+    panels = [(f"teacher p_T: mode-0 mass {float(mix.weights[0]):.2f}", mix, 0.0)]
     for beta in (0.5, 1.0, 2.0):
         tm, lz = mix.tilt(lin, beta)
-        panels.append((f"linear w=(1,0), beta={beta}: log Z={lz:.2f}", tm, beta))
+        panels.append((f"linear w=(1,0), beta={beta}\nlog Z={lz:.2f}, mode-0 mass {float(tm.weights[0]):.2f}",
+                       tm, beta))
     for beta in (0.5, 2.0):
         tm, lz = mix.tilt(quad, beta)
-        panels.append((f"quadratic c=(3,0), beta={beta}: log Z={lz:.2f}", tm, beta))
+        panels.append((f"quadratic c=(3,0), beta={beta}\nlog Z={lz:.2f}, mode-0 mass {float(tm.weights[0]):.2f}",
+                       tm, beta))
     fig, axes = plots.grid_figure(len(panels), cols=3)
     tilt_rows = []
     for ax, (title, m, _beta) in zip(axes, panels):

@@ -56,9 +56,9 @@ def plot_samples(x: torch.Tensor, ax=None, logp: Callable | None = None, bounds=
     if logp is not None:
         plot_density(logp, ax=ax, bounds=bounds, n=n_grid, filled=False)
     x = x.detach().float().cpu()
-    c = labels.cpu().numpy() if labels is not None else color
-    ax.scatter(x[:, 0].numpy(), x[:, 1].numpy(), s=s, alpha=alpha, c=c, cmap="tab10" if labels is not None else None,
-               linewidths=0)
+    # One fixed colour per class (C0, C1, ...), whatever the number of classes present.
+    c = [f"C{(int(v) + 3) % 10}" for v in labels.tolist()] if labels is not None else color
+    ax.scatter(x[:, 0].numpy(), x[:, 1].numpy(), s=s, alpha=alpha, c=c, linewidths=0)
     _finish(ax, bounds, title)
     return ax
 
