@@ -278,3 +278,17 @@ def test_benchmark_script_tiny_cpu(tmp_path):
     assert res["params"] == sum(p.numel() for p in FluxBackend(tiny=True, full_finetune=True).network.parameters())
     assert res["lora_params"] > 0 and res["step_s_median"] > 0 and res["image_tokens"] == 64
     assert json.loads((tmp_path / "r.json").read_text())["loss"] == res["loss"]
+
+
+def test_wan22_routes_each_sample_by_sigma():
+    be = WanBackend(tiny=True, two_experts=True, guidance=3.0, guidance_2=1.5)
+    net = be.network
+    assert len(be.fsdp_blocks()) == 2 * len(net.experts[0].blocks)
+    cond = be.encode(PROMPTS)
+    x = be.noise(2, torch.Generator().manual_seed(5))
+    sig = torch.tensor([0.95, 0.4])                            # boundary 0.875: high expert, then low expert
+    v = be.velocity(net, x, sig, cond)
+    hi = be._expert_velocity(net.experts[0], x[:1], sig[:1] * 1000, cond.select([0]), 3.0)
+    lo = be._expert_velocity(net.experts[1], x[1:], sig[1:] * 1000, cond.select([1]), 1.5)
+    torch.testing.assert_close(v, torch.cat([hi, lo]), atol=1e-5, rtol=1e-5)
+    assert (hi - be._expert_velocity(net.experts[1], x[:1], sig[:1] * 1000, cond.select([0]), 3.0)).abs().max() > 1e-4

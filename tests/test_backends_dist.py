@@ -10,8 +10,9 @@ GLOBAL_BATCH = 4
 PROMPTS = ["a red cube", "a cat", "a blue sky", "a dog"]
 
 
-def _losses(rank: int = 0, world: int = 1) -> list[float]:
-    """Flow-matching loss of this rank's rows before and after each of two SGD steps, averaged over ranks."""
+def _losses(rank: int = 0, world: int = 1, lora_dir: str | None = None) -> list[float]:
+    """Flow-matching loss of this rank's rows before and after each of two SGD steps, averaged over ranks;
+    the trained LoRA is saved to lora_dir (every rank calls save_lora: it gathers the FSDP2 shards)."""
     from common import dist as cdist
     from common.backends import FluxBackend
     from common.flow import interpolate
@@ -38,16 +39,18 @@ def _losses(rank: int = 0, world: int = 1) -> list[float]:
             opt.zero_grad()
             loss.backward()                                    # FSDP2 averages the gradients over ranks
             opt.step()
+    if lora_dir is not None:
+        be.save_lora(lora_dir, net)
     return out
 
 
-def _worker(rank: int, world: int, port: int, queue) -> None:
+def _worker(rank: int, world: int, port: int, queue, lora_dir: str) -> None:
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        queue.put((rank, _losses(rank, world)))
+        queue.put((rank, _losses(rank, world, lora_dir)))
     finally:
         dist.destroy_process_group()
 
@@ -58,15 +61,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_fsdp2_two_processes_equal_one():
+def test_fsdp2_two_processes_equal_one(tmp_path):
+    from safetensors.torch import load_file
     torch.set_num_threads(1)
-    single = _losses()
+    single = _losses(lora_dir=str(tmp_path / "one"))
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    mp.start_processes(_worker, args=(2, _free_port(), queue), nprocs=2, start_method="spawn", join=True)
+    mp.start_processes(_worker, args=(2, _free_port(), queue, str(tmp_path / "two")), nprocs=2,
+                       start_method="spawn", join=True)
     got = dict(queue.get(timeout=60) for _ in range(2))
     assert single[0] > single[2]                                # the steps did something
     for r in (0, 1):
         assert abs(got[r][0] - single[0]) < 1e-5 * max(1.0, abs(single[0]))
         for a, b in zip(got[r], single):
             assert abs(a - b) < 1e-4 * max(1.0, abs(b)), (got[r], single)
+    # the LoRA trained under FSDP2 (gathered, written by rank 0) equals the one-process LoRA
+    one = load_file(str(tmp_path / "one" / "pytorch_lora_weights.safetensors"))
+    two = load_file(str(tmp_path / "two" / "pytorch_lora_weights.safetensors"))
+    assert one.keys() == two.keys() and len(one) > 0
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=1e-4)

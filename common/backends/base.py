@@ -88,6 +88,11 @@ def has_adapter(model: nn.Module) -> bool:
     return bool(getattr(model, "_hf_peft_config_loaded", False)) and ADAPTER in getattr(model, "peft_config", {})
 
 
+def _is_rank0() -> bool:
+    d = torch.distributed
+    return not (d.is_available() and d.is_initialized()) or d.get_rank() == 0
+
+
 class DiffusersBackend(Backend):
     """Base of the four diffusers families. Constructor options (all keyword, all with defaults):
 
@@ -325,16 +330,23 @@ class DiffusersBackend(Backend):
                 m.enable_adapters()
 
     def lora_state_dicts(self, net: nn.Module | None = None) -> list[dict[str, torch.Tensor]]:
-        """peft state dicts (keys without the 'transformer.' prefix), one per transformer in net."""
+        """peft state dicts (keys without the 'transformer.' prefix), one per transformer in net, full CPU
+        tensors. Under FSDP2 the shards are gathered (a collective: call it on every rank)."""
         from peft.utils import get_peft_model_state_dict
+
+        def full(v: torch.Tensor) -> torch.Tensor:
+            v = v.detach()
+            v = v.full_tensor() if hasattr(v, "full_tensor") else v      # DTensor shard -> whole tensor
+            return v.cpu().contiguous()
+
         net = self.network if net is None else net
-        return [{k: v.detach().cpu().contiguous()
-                 for k, v in get_peft_model_state_dict(m, adapter_name=ADAPTER).items()}
+        return [{k: full(v) for k, v in get_peft_model_state_dict(m, adapter_name=ADAPTER).items()}
                 for m in diffusers_models(net)]
 
     def save_lora(self, directory: str, net: nn.Module | None = None) -> list[str]:
         """Write the adapter in the diffusers LoRA format: directory/pytorch_lora_weights.safetensors (and
-        directory/transformer_2/... for a Wan2.2 low-noise expert). Returns the files written."""
+        directory/transformer_2/... for a Wan2.2 low-noise expert). Returns the files (to be) written.
+        Under torch.distributed call it on every rank (FSDP2 shards are gathered); rank 0 writes."""
         net = self.network if net is None else net
         models = diffusers_models(net)
         if not all(has_adapter(m) for m in models):
@@ -345,7 +357,7 @@ class DiffusersBackend(Backend):
             d = directory if i == 0 else os.path.join(directory, "transformer_2")
             meta = m.peft_config[ADAPTER].to_dict()
             cls.save_lora_weights(d, transformer_lora_layers=sd, safe_serialization=True,
-                                  transformer_lora_adapter_metadata=meta)
+                                  transformer_lora_adapter_metadata=meta, is_main_process=_is_rank0())
             files.append(os.path.join(d, LORA_WEIGHT_NAME))
         return files
 
