@@ -334,6 +334,9 @@ class DiTBackend(Backend):
                                    f"random-init smoke run)")
             net = load_pretrained(path)
             self.checkpoint = path
+        # a checkpoint knows whether it is a video model: trust it over the flag
+        self.video = net.cfg.frames > 0
+        self.media = "video" if self.video else "image"
         self.network = net.to(device=self.device, dtype=self.dtype).eval()
         net.grad_checkpointing = bool(gradient_checkpointing)
         if compile:

@@ -216,7 +216,8 @@ def test_save_load_roundtrip(tmp_path):
     assert net2.cfg.latent_shape == net.cfg.latent_shape and net2.cfg.extra["steps"] == 7
     for (k, a), (k2, b) in zip(net.state_dict().items(), net2.state_dict().items()):
         assert k == k2 and torch.equal(a, b)
-    be = DiTBackend(pretrained=str(tmp_path), video=True)
+    be = DiTBackend(pretrained=str(tmp_path))  # the checkpoint's config says video; no flag needed
+    assert be.media == "video" and be.latent_shape == net.cfg.latent_shape
     cond = be.encode(["a blue square moving left"])
     x = be.noise(1)
     assert torch.equal(be.velocity(be.network, x, 0.5, cond, 1.0), net(x, torch.tensor([0.5]), cond["ids"],

@@ -11,7 +11,8 @@ dropout (the empty prompt, p = 0.1) so classifier-free guidance works, EMA of th
 model.safetensors + config.json (the EMA weights: what the backend loads) and train_state.pt (raw weights,
 optimiser, EMA, step, RNG: what --resume reads; not needed to sample). At the end, samples for the held-out eval
 prompts are classified from pixels (toy.shape_rewards.classify_attributes) and the per-attribute accuracy is written
-to DIR/eval.json. Fresh batches are rendered every step, so there is no dataset to download or store.
+to DIR/eval.json, with a grid of samples (one held-out prompt per row) in DIR/samples.png. Fresh batches are
+rendered every step, so there is no dataset to download or store.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay (warmed up as (1 + n) / (10 + n))")
+    p.add_argument("--reset-ema", action="store_true", help="with --resume: restart the EMA from the raw weights")
     p.add_argument("--p-uncond", type=float, default=0.1, help="prompt dropout for CFG")
     p.add_argument("--p-open", type=float, default=0.3, help="probability a prompt leaves an attribute open")
     p.add_argument("--resume", action="store_true", help="continue from DIR/train_state.pt")
@@ -74,27 +76,30 @@ def evaluate(out_dir: str, per_prompt: int = 16, nfe: int = 20, guidance: float 
     from common.dit import DiTBackend
     from common.flow import rollout
     from toy.shape_rewards import classify_attributes
-    from toy.shapes import parse_prompt
+    from toy.shapes import ATTRIBUTES, parse_prompt
     be = DiTBackend(pretrained=out_dir, device=device, guidance=guidance)
     prompts = be.prompts("eval")
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    per, tot, cnt = {}, {}, {}
+    per, tot, cnt, grid = {}, {}, {}, []
     for p in prompts:
         cond = be.encode([p] * per_prompt)
         x = be.noise(per_prompt, gen)
         media = be.decode(rollout(be.velocity_fn(be.network, cond), x, be.sigmas(nfe)).final)
+        if len(grid) < 8:  # first 8 prompts x first 8 samples for the picture (the first frame of a video)
+            grid.append((media[:, 0] if media.ndim == 5 else media)[:8].cpu())
         pred = classify_attributes(media)
         want = parse_prompt(p, be.video)
         per[p] = {}
         for k, v in want.items():
             if v is None:
                 continue
-            from toy.shapes import ATTRIBUTES
             acc = (pred[k] == ATTRIBUTES[k].index(v)).float().mean().item()
             per[p][k] = acc
             tot[k] = tot.get(k, 0.0) + acc
             cnt[k] = cnt.get(k, 0) + 1
     acc = {k: tot[k] / cnt[k] for k in tot}
+    from torchvision.utils import save_image
+    save_image(torch.cat(grid), os.path.join(out_dir, "samples.png"), nrow=min(8, per_prompt), padding=1)
     return {"accuracy": acc, "all_mean": sum(acc.values()) / len(acc), "per_prompt": per,
             "samples_per_prompt": per_prompt, "nfe": nfe, "guidance": guidance, "prompts": len(prompts)}
 
@@ -124,7 +129,7 @@ def train(a) -> None:
     step, elapsed = 0, 0.0
     if state is not None:
         opt.load_state_dict(state["opt"])
-        ema.load_state_dict(state["ema"])
+        ema.load_state_dict(state["net"] if a.reset_ema else state["ema"])
         gen.set_state(state["gen"])
         step, elapsed = state["step"], state["elapsed"]
     if a.compile:
@@ -163,7 +168,8 @@ def train(a) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
-        ema_update(ema, net, a.ema_decay)
+        # EMA warm-up: a constant 0.999 would keep 0.999^n of the random init after n steps (37% at n = 1000)
+        ema_update(ema, net, min(a.ema_decay, (1 + step) / (10 + step)))
         step += 1
         elapsed += time.time() - t0
         loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
