@@ -266,12 +266,15 @@ def tiny_open_clip(seed: int = 0) -> nn.Module:
         ctx.__exit__(None, None, None)
 
 
-def load_hps_model(path: str | None, tiny: bool = False, arch: str = "ViT-H-14", seed: int = 0) -> nn.Module:
+def load_hps_model(path: str | None, tiny: bool = False, arch: str = "ViT-H-14", seed: int = 0,
+                   device="cpu") -> nn.Module:
     """HPSv2.1 as HPSv2's own code builds it: open_clip `arch` (ViT-H-14) with the checkpoint's "state_dict"
     loaded strictly (the LAION pretrained weights are not needed: the checkpoint holds every key)."""
     import open_clip
 
-    model = tiny_open_clip(seed) if tiny else open_clip.create_model(arch, pretrained=None, output_dict=True)
+    # built directly on the target device: ViT-H-14 is 986M parameters (3.9 GB in float32)
+    model = tiny_open_clip(seed) if tiny else open_clip.create_model(arch, pretrained=None, output_dict=True,
+                                                                      device=device)
     if path is not None:
         ck = _load_state(path, "HPSv2.1")
         sd = ck.get("state_dict", ck) if isinstance(ck, dict) else ck
@@ -319,7 +322,7 @@ def hps(hps_ckpt: str | None = None, tiny: bool = False, device="cpu", dtype=Non
     path = hps_ckpt or os.environ.get("HPS_CKPT")
     if path is not None or not tiny:  # tiny without a file: random weights
         path = resolve_file(path, "HPS_CKPT", HUB["hps"][1], HUB["hps"], "HPSv2.1")
-    return HPSReward(load_hps_model(path, tiny, hps_arch, seed), device, _dtype(dtype), frames)
+    return HPSReward(load_hps_model(path, tiny, hps_arch, seed, device), device, _dtype(dtype), frames)
 
 
 # ----- transformers CLIP: PickScore, CLIP score, aesthetic, temporal consistency -------------------------------
