@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from common import dist
-from common.config import to_dict
+from common.config import die, to_dict
 
 EXIT_NONFINITE = 3    # a NaN / inf stopped the run
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), after the checkpoint is written
@@ -189,6 +189,9 @@ class Run:
             if not self._resume_from:
                 self._set_aside_previous_run()
             os.makedirs(self.ckpt_dir, exist_ok=True)
+            for f in os.listdir(self.ckpt_dir):  # temporary files of a process killed mid-write
+                if f.startswith(".") and ".tmp" in f:
+                    os.remove(os.path.join(self.ckpt_dir, f))
             with open(os.path.join(out, "config.json"), "w") as fh:
                 json.dump(to_dict(cfg), fh, indent=2)
             print(f"[{method}] run directory {out}\nconfig " + json.dumps(to_dict(cfg)), flush=True)
@@ -289,9 +292,15 @@ class Run:
         Call it after building models and optimizers (building consumes random numbers), right before the loop."""
         if not self._resume_from:
             return {}
+        if not list_checkpoints(self._resume_from):
+            die(f"--resume {self._resume_from}: no checkpoint there yet (the run stopped before its first save); "
+                f"start it again without --resume")
         ckpt = load_checkpoint(self._resume_from)
         self.step = int(ckpt["step"])
         rngs = ckpt["rng"]
+        if len(rngs) != dist.world_size() and self.main:
+            print(f"warning: the checkpoint was written by {len(rngs)} processes and this run has "
+                  f"{dist.world_size()}; training continues, but not bit for bit", file=sys.stderr, flush=True)
         set_rng_state(rngs[dist.rank()] if dist.rank() < len(rngs) else rngs[0])
         if self.main:
             self._truncate_metrics(self.step)

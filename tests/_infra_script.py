@@ -60,6 +60,7 @@ def main(cfg: Config) -> Run:
     def snapshot():
         return {"net": net.state_dict(), "opt": opt_.state_dict(), "ema": ema.state_dict()}
 
+    summary = {}
     with run.interrupt_guard(snapshot):
         for step in range(run.step, cfg.steps):
             # data: x0 on a noisy ring (numpy + python randomness), eps and sigma from torch
@@ -83,9 +84,10 @@ def main(cfg: Config) -> Run:
             ema.update()
             run.log(step + 1, loss=loss, grad_norm=gn, per_dim=v.detach().pow(2).mean(0),
                     loss_all_ranks=reduce_mean(loss))
+            summary["final_loss"] = loss.item()
             if run.due(step + 1):
                 run.save(step + 1, snapshot())
-    run.finish({"final_loss": loss.item()}, state=snapshot())
+    run.finish(summary, state=snapshot())
     cleanup()
     return run
 

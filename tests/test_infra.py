@@ -222,6 +222,21 @@ def test_fresh_run_in_a_used_directory_sets_the_old_run_aside(tmp_path, capsys):
     assert "moved its files" in capsys.readouterr().err
 
 
+def test_resume_without_a_checkpoint_and_missing_logger_packages(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    assert run_script(["--steps", "0", "--out", out])[0] == 0  # config.json, no checkpoint (0 steps, no state)
+    for f in os.listdir(os.path.join(out, "checkpoints")):
+        os.remove(os.path.join(out, "checkpoints", f))
+    capsys.readouterr()
+    assert run_script(["--resume", out])[0] == 2
+    assert "no checkpoint there yet" in _one_error_line(capsys)
+    import importlib.util
+    for kind, pkg in [("tensorboard", "tensorboard"), ("wandb", "wandb")]:
+        if importlib.util.find_spec(pkg) is None:  # asked for, not installed: one warning, the run goes on
+            assert run_script(["--steps", "1", "--logger", kind, "--out", str(tmp_path / kind)])[0] == 0
+            assert f"--logger {kind} asked for but not installed" in capsys.readouterr().err
+
+
 def test_default_run_directory_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, run = run_script(["--steps", "1"])
