@@ -13,6 +13,13 @@ REAL = ["hps", "pickscore", "clip", "aesthetic", "imagereward", "temporal_consis
 weights = st.floats(min_value=-100, max_value=100, allow_nan=False).map(lambda w: round(w, 4))
 
 
+def assert_close(a, b, atol=1e-5, rtol=1.3e-6):
+    """torch.allclose with shapes checked (torch.testing.assert_close imports torch.distributed: 3 s a process)."""
+    b = torch.as_tensor(b, dtype=a.dtype, device=a.device)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert torch.allclose(a, b, atol=atol, rtol=rtol), f"max |a - b| = {(a - b).abs().max().item():.3g}"
+
+
 @given(st.lists(st.tuples(st.sampled_from(REAL + ["frames:hps", "frames:clip"]), weights), min_size=1, max_size=4),
        st.lists(st.booleans(), min_size=4, max_size=4))
 def test_parser_round_trips_names_and_weights(pairs, explicit):
@@ -62,10 +69,10 @@ def test_build_reward_filters_options_and_combines(fake_registry):
     assert isinstance(mr, MultiReward) and mr.names == ["a", "b"] and mr.media == "image"
     r = mr(x)
     ref = torch.stack([3.0 * x.flatten(1).mean(1), x.flatten(1).std(1) + 1.0], 1)
-    torch.testing.assert_close(r, ref)
-    torch.testing.assert_close(mr.combine(r), 0.5 * ref[:, 0] + 2 * ref[:, 1])
+    assert_close(r, ref)
+    assert_close(mr.combine(r), 0.5 * ref[:, 0] + 2 * ref[:, 1])
     assert mr.table_scale == [10.0, 1.0]
-    torch.testing.assert_close(mr.table(x), ref * torch.tensor([10.0, 1.0]))
+    assert_close(mr.table(x), ref * torch.tensor([10.0, 1.0]))
 
 
 def test_build_reward_rejects_duplicate_objectives(fake_registry):
@@ -79,7 +86,7 @@ def test_build_reward_frames_prefix_wraps_image_rewards(fake_registry):
     assert isinstance(fr, FramesReward) and fr.media == "video" and fr.frames == 3 and fr.table_scale == [10.0]
     v = torch.rand(2, 7, 3, 4, 4)
     ref = v[:, [0, 3, 6]].flatten(2).mean(2).mean(1)  # frames 0, 3, 6 of 7
-    torch.testing.assert_close(mr(v)[:, 0], ref)
+    assert_close(mr(v)[:, 0], ref)
     with pytest.raises(RewardError):
         fr(torch.rand(2, 3, 4, 4))  # an image given to a video reward: one clear error
 
@@ -113,7 +120,7 @@ def test_per_frame_equals_a_loop_over_frames(b, f, n):
     out = per_frame(score, v, prompts, n)
     idx = frame_indices(f, n).tolist()
     ref = torch.stack([torch.stack([v[:, j].mean((1, 2, 3)), v[:, j].amax((1, 2, 3))], 1) for j in idx]).mean(0)
-    torch.testing.assert_close(out, ref)
+    assert_close(out, ref)
     assert seen[0] == [p for p in prompts for _ in idx]  # each frame is scored against its own video's prompt
 
 
@@ -125,7 +132,7 @@ def _ref_smoothness(v):
 @given(st.integers(1, 3), st.integers(3, 8), st.integers(1, 16))
 def test_motion_smoothness_matches_second_difference(b, f, side):
     v = torch.rand(b, f, 3, side, side)
-    torch.testing.assert_close(motion_smoothness(v), _ref_smoothness(v))
+    assert_close(motion_smoothness(v), _ref_smoothness(v))
 
 
 @given(st.floats(-0.05, 0.05), st.integers(3, 9))
@@ -143,7 +150,7 @@ def test_motion_smoothness_downsamples_large_frames_and_has_gradients():
     v = torch.rand(2, 4, 3, 130, 100, requires_grad=True)
     s = motion_smoothness(v, max_side=64)  # ceil(130 / 64) = 3: a 3x3 area average first
     pooled = torch.nn.functional.avg_pool2d(v.detach().reshape(8, 3, 130, 100), 3, ceil_mode=True).reshape(2, 4, -1)
-    torch.testing.assert_close(s.detach(), _ref_smoothness(pooled))
+    assert_close(s.detach(), _ref_smoothness(pooled))
     s.sum().backward()
     assert v.grad.abs().sum() > 0
     with pytest.raises(RewardError):
@@ -154,14 +161,14 @@ def test_motion_smoothness_reward_is_registered():
     mr = R.build_reward("motion_smoothness:0.5")
     v = torch.rand(3, 5, 3, 8, 8)
     assert mr.names == ["motion_smoothness"] and mr.media == "video" and mr.differentiable
-    torch.testing.assert_close(mr(v)[:, 0], _ref_smoothness(v))
+    assert_close(mr(v)[:, 0], _ref_smoothness(v))
 
 
 def test_reward_call_shapes_and_table_default():
     r = FnReward(lambda x: x.sum(1), names="s")
     x = torch.randn(4, 2)
     assert r(x).shape == (4, 1) and r.table_scale == [1.0]
-    torch.testing.assert_close(r.table(x), r(x))
+    assert_close(r.table(x), r(x))
 
 
 def test_parse_reward_options_types_and_errors():

@@ -13,6 +13,13 @@ from common.rewards import RewardError, RewardWeightsMissing, build_reward
 PROMPTS = ["a red apple on a table", "a photo of a cat"]
 
 
+def assert_close(a, b, atol=1e-5, rtol=1.3e-6):
+    """torch.allclose with shapes checked (torch.testing.assert_close imports torch.distributed: 3 s a process)."""
+    b = torch.as_tensor(b, dtype=a.dtype, device=a.device)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert torch.allclose(a, b, atol=atol, rtol=rtol), f"max |a - b| = {(a - b).abs().max().item():.3g}"
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     # tiny models: thread start-up and oversubscription on the shared 2-core machine cost more than they give
@@ -55,7 +62,7 @@ def test_resize_center_crop_matches_torchvision(hw):
 
     x = torch.rand(2, 3, *hw)
     ref = TF.center_crop(TF.resize(x, 32, InterpolationMode.BICUBIC, antialias=True), 32)
-    torch.testing.assert_close(RM.resize_center_crop(x, 32), ref, atol=1e-5, rtol=0)
+    assert_close(RM.resize_center_crop(x, 32), ref, atol=1e-5, rtol=0)
     if hw == (32, 32):
         assert torch.equal(RM.resize_center_crop(x, 32), x)  # native size: untouched
 
@@ -71,7 +78,7 @@ def test_resize_longest_pad_matches_torchvision_letterbox(hw):
     ref = x if new == list(hw) else TF.resize(x, new, InterpolationMode.BICUBIC, antialias=True)
     ref = TF.center_crop(ref, 32)  # torchvision pads with zeros when the image is smaller than the crop
     out = RM.resize_longest_pad(x, 32)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    assert_close(out, ref, atol=1e-5, rtol=0)
     xg = x.clone().requires_grad_(True)
     RM.resize_longest_pad(xg, 32).sum().backward()
     assert xg.grad.abs().sum() > 0
@@ -101,8 +108,8 @@ def test_hps_checkpoint_round_trip_equals_open_clip(tmp_path, monkeypatch):
     out = ref(px, open_clip.get_tokenizer("ViT-H-14")(PROMPTS))
     hps = (out["image_features"] @ out["text_features"].T).diagonal()
     with torch.no_grad():
-        torch.testing.assert_close(r(x, PROMPTS)[:, 0], hps, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(r.table(x, PROMPTS)[:, 0], 100 * hps, atol=1e-3, rtol=1e-5)
+        assert_close(r(x, PROMPTS)[:, 0], hps, atol=1e-5, rtol=1e-5)
+        assert_close(r.table(x, PROMPTS)[:, 0], 100 * hps, atol=1e-3, rtol=1e-5)
     assert _grad_reaches_pixels(r)
 
 
@@ -153,9 +160,9 @@ def test_pickscore_and_clip_equal_transformers(clip_dir):
     model, o = _direct_clip(clip_dir, x)
     cos = (F.normalize(o.image_embeds, dim=-1) * F.normalize(o.text_embeds, dim=-1)).sum(-1)
     with torch.no_grad():
-        torch.testing.assert_close(pick.table(x, PROMPTS)[:, 0], model.logit_scale.exp() * cos, atol=1e-4, rtol=1e-5)
-        torch.testing.assert_close(pick(x, PROMPTS)[:, 0], cos, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(clip.table(x, PROMPTS)[:, 0], 100 * cos, atol=1e-3, rtol=1e-5)
+        assert_close(pick.table(x, PROMPTS)[:, 0], model.logit_scale.exp() * cos, atol=1e-4, rtol=1e-5)
+        assert_close(pick(x, PROMPTS)[:, 0], cos, atol=1e-5, rtol=1e-5)
+        assert_close(clip.table(x, PROMPTS)[:, 0], 100 * cos, atol=1e-3, rtol=1e-5)
     assert pick.table_scale[0] == pytest.approx(torch.e ** 3.0, rel=1e-5)
     assert _grad_reaches_pixels(pick)
 
@@ -180,7 +187,7 @@ def test_aesthetic_equals_transformers_embedding_into_the_mlp(clip_dir, tmp_path
         h = F.normalize(model.get_image_features(pixel_values=px).pooler_output, dim=-1)
         for i in [0, 2, 4, 6, 7]:  # no activations between the linear layers
             h = F.linear(h, sd[f"layers.{i}.weight"], sd[f"layers.{i}.bias"])
-        torch.testing.assert_close(r(x)[:, 0], h[:, 0], atol=1e-4, rtol=1e-5)
+        assert_close(r(x)[:, 0], h[:, 0], atol=1e-4, rtol=1e-5)
     assert r.names == ["aesthetic"] and _grad_reaches_pixels(r)
     sd["layers.0.weight"] = torch.zeros(1024, d + 1)
     torch.save(sd, ck)
@@ -319,7 +326,7 @@ def test_imagereward_vision_mapping_reproduces_a_timm_vit(tiny_ir):
     loaded = RM.load_imagereward_model(sd, med).eval()
     px = torch.randn(2, 3, v["image_size"], v["image_size"])
     with torch.no_grad():
-        torch.testing.assert_close(loaded.vision_model(pixel_values=px).last_hidden_state, vit.forward_features(px),
+        assert_close(loaded.vision_model(pixel_values=px).last_hidden_state, vit.forward_features(px),
                                    atol=1e-5, rtol=1e-4)
 
 
@@ -363,7 +370,7 @@ def test_imagereward_released_checkpoint_equals_transformers_blip(tiny_ir, tmp_p
             cls = F.linear(cls, sd[f"mlp.layers.{i}.weight"], sd[f"mlp.layers.{i}.bias"])
         ref = (cls[:, 0] - 0.16717362830052426) / 1.0333394966054072
         out = r(x, PROMPTS)[:, 0]
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert out.std() > 0 and _grad_reaches_pixels(r)
 
 
@@ -390,7 +397,7 @@ def test_every_real_reward_builds_tiny_and_backpropagates():
     assert not torch.allclose(r[:, 1], r[:, 2])  # two tiny objectives are different models
     mr.combine(r).sum().backward()
     assert x.grad.abs().sum() > 0
-    torch.testing.assert_close(mr.combine(r.detach()), r.detach() @ torch.tensor([0.7, 1, 1.4, 1, 0.5]))
+    assert_close(mr.combine(r.detach()), r.detach() @ torch.tensor([0.7, 1, 1.4, 1, 0.5]))
 
 
 def test_video_rewards_shapes_and_properties():
@@ -402,18 +409,18 @@ def test_video_rewards_shapes_and_properties():
     moving = torch.rand(2, 6, 3, 32, 32)
     s, m = mr(static, PROMPTS), mr(moving, PROMPTS)
     assert s.shape == m.shape == (2, 4)
-    torch.testing.assert_close(s[:, 1], torch.ones(2))  # a static video is perfectly consistent (cos = 1)...
+    assert_close(s[:, 1], torch.ones(2))  # a static video is perfectly consistent (cos = 1)...
     assert torch.all(m[:, 1] < s[:, 1])  # ...and more consistent than random frames
     assert torch.all(s[:, 2] == 0) and torch.all(m[:, 2] < 0)  # smoothness: 0 is the maximum
     hps, clip = mr.rewards[0].inner, mr.rewards[3].inner
     with torch.no_grad():  # an image reward on a static video equals the reward of its frame
-        torch.testing.assert_close(s[:, 0], hps(frame, PROMPTS)[:, 0], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(s[:, 3], clip(frame, PROMPTS)[:, 0], atol=1e-5, rtol=1e-5)
+        assert_close(s[:, 0], hps(frame, PROMPTS)[:, 0], atol=1e-5, rtol=1e-5)
+        assert_close(s[:, 3], clip(frame, PROMPTS)[:, 0], atol=1e-5, rtol=1e-5)
     sub = RM.temporal_consistency(tiny=True, temporal_frames=3)  # frames 0, 2/3, 5 of 6: compared pairwise
     with torch.no_grad():
         e = mr.rewards[1].clip.image(moving[:, frame_indices_ref(6, 3)].reshape(6, 3, 32, 32)).reshape(2, 3, -1)
         ref = (F.cosine_similarity(e[:, 1:], e[:, :-1], dim=-1)).mean(1)
-        torch.testing.assert_close(sub(moving)[:, 0], ref, atol=1e-5, rtol=1e-5)
+        assert_close(sub(moving)[:, 0], ref, atol=1e-5, rtol=1e-5)
     v = moving.clone().requires_grad_(True)
     mr.combine(mr(v, PROMPTS)).sum().backward()
     assert v.grad.abs().sum() > 0
@@ -428,7 +435,7 @@ def test_image_rewards_average_videos_over_frames_and_check_inputs():
     v = torch.rand(2, 5, 3, 32, 32)
     with torch.no_grad():
         ref = torch.stack([r(v[:, j], PROMPTS) for j in (0, 1, 3, 4)]).mean(0)  # 4 evenly spread frames of 5
-        torch.testing.assert_close(r(v, PROMPTS), ref, atol=1e-6, rtol=1e-5)
+        assert_close(r(v, PROMPTS), ref, atol=1e-6, rtol=1e-5)
     with pytest.raises(RewardError):
         r(torch.rand(2, 3, 32, 32), None)  # prompts are required
     with pytest.raises(RewardError):
