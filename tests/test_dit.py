@@ -13,7 +13,15 @@ from common.dit import (DiT, DiTBackend, DiTConfig, cfg_combine, flow_matching_l
 from common.flow import make_sigmas, rollout
 from toy import shapes as S
 
-torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: one thread avoids oversubscription on shared CPUs; restored for the other test modules."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _randomise_zero_layers(net: DiT, seed: int = 0) -> DiT:

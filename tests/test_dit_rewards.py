@@ -8,7 +8,15 @@ from common.rewards import RewardError, build_reward
 from toy import shape_rewards as R
 from toy import shapes as S
 
-torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: one thread avoids oversubscription on shared CPUs; restored for the other test modules."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 GEN = lambda s=0: torch.Generator().manual_seed(s)
 
 
