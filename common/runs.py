@@ -274,6 +274,7 @@ class Run:
         the run stops (exit 3) and the previous checkpoint stays the last good one. Returns the path (rank 0)."""
         self.check_finite(state, what="checkpoint state")
         ckpt = {"step": int(step), "config": to_dict(self.cfg), "world": dist.world_size(),
+                "time": time.perf_counter() - self._t0,
                 "rng": dist.gather_objects(rng_state()), "state": state}
         self.step = int(step)
         path = None
@@ -305,7 +306,8 @@ class Run:
         if self.main:
             self._truncate_metrics(self.step)
             print(f"[{self.method}] resumed from {self._resume_from} at step {self.step}", flush=True)
-        self._t0 = self._t_last = time.perf_counter()
+        self._t_last = time.perf_counter()
+        self._t0 = self._t_last - float(ckpt.get("time", 0.0))  # the "time" column goes on from the checkpoint
         return ckpt["state"]
 
     def _truncate_metrics(self, step: int) -> None:
