@@ -8,8 +8,9 @@
       tb/ or wandb/        only with --logger tensorboard|wandb, when the package is installed
       previous-<time>/     an earlier run's files, moved aside when a fresh run (no --resume) reuses the folder
 
-Only rank 0 writes; every rank may call every method (the collective ones, save and check_finite, must be called
-on all ranks). See common/config.py for the full worked example of a script.
+Only rank 0 writes, but call every method on EVERY rank: log (under interrupt_guard), save, check_finite, resume
+and finish take part in collectives, and a rank that skips one leaves the others waiting. See common/config.py for
+the full worked example of a script.
 
 Resume is exact: a checkpoint holds the script's dict (weights, optimizer, EMA, ...), the step, the config and
 the RNG states of python, numpy and torch (CPU and CUDA) of every rank; run.resume() restores the RNG states of
