@@ -4,6 +4,7 @@ import os
 import socket
 
 import torch
+import pytest
 import torch.multiprocessing as mp
 
 GLOBAL_BATCH = 4
@@ -61,6 +62,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_fsdp2_two_processes_equal_one(tmp_path):
     from safetensors.torch import load_file
     torch.set_num_threads(1)

@@ -31,6 +31,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import warnings
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -137,7 +138,9 @@ class DiffusersBackend(Backend):
         self.family_options = dict(family_options)
         self._setup_defaults()                                  # tiny sizes, family options (hook)
         if self.family_options:
-            raise BackendError(f"{self.name}: unknown option(s) {', '.join(self.family_options)}")
+            # the method scripts pass some options to every backend (the toy's teacher, the DiT's preset):
+            # ignored here, with a warning, rather than failing a run over an option meant for another family
+            warnings.warn(f"{self.name}: ignoring option(s) {', '.join(sorted(self.family_options))}", stacklevel=2)
         h, w = self.default_size
         self.height, self.width = int(height or h), int(width or w)
         self.num_frames = int(num_frames or getattr(self, "default_frames", 1))

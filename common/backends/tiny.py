@@ -18,7 +18,7 @@ from common.tokenizers import make_clip_tokenizer, make_qwen2_tokenizer, make_t5
 
 TINY_HEIGHT = TINY_WIDTH = 32
 TINY_FRAMES = 5
-TINY_MAX_SEQ = 16                 # text tokens of the T5 / UMT5 / Qwen encoders in tiny runs
+TINY_MAX_SEQ = 64                 # text tokens in tiny runs (char-level tokenizers: about one a character)
 CLIP_TINY_MERGES = 488            # -> a 1,002-token CLIP vocabulary
 
 FLUX_TRANSFORMER = dict(patch_size=1, in_channels=16,           # = 4 x vae latent_channels (2x2 packing)
