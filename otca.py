@@ -189,6 +189,9 @@ def main(cfg: Config) -> dict:
                           and backend.dataset.name).to(device)
     M = len(reward.names)
     net = backend.network
+    # Rollout and recomputation both in train mode: the ratio must be exactly 1 on-policy, and eval mode under no_grad
+    # takes fused inference fast paths (nn.TransformerEncoderLayer's, in the small DiT's text encoder) that the
+    # recomputation with gradients does not. Every backbone here has dropout 0, so train mode changes nothing else.
     net.train()
     params = backend.trainable_parameters(net)
     if not params:
@@ -218,9 +221,7 @@ def main(cfg: Config) -> dict:
         opt_.load_state_dict(state["opt"])
         rewards_init = state["rewards_init"]
     else:
-        net.eval()
         rewards_init = ev()
-        net.train()
     snapshot = lambda: {"net": net.state_dict(), "opt": opt_.state_dict(), "rewards_init": rewards_init}
     g_steps = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 1)
     credit_sum, credit_n = torch.zeros(K), 0
@@ -233,7 +234,6 @@ def main(cfg: Config) -> dict:
             cond = backend.encode([train_prompts[i] for i in pidx]).repeat(G)
             z0 = backend.noise(n_groups if cfg.same_noise else B)
             z0 = z0.repeat_interleave(G, 0) if cfg.same_noise else z0
-            net.eval()
             trajs = []
             with torch.no_grad(), autocast(cfg.precision, device):
                 for sl in [sl for mb in layout for sl in mb]:
@@ -269,7 +269,6 @@ def main(cfg: Config) -> dict:
             # Per trained step t: recompute log pi(z_{t+1} | z_t) with gradients, clipped surrogate, backward at
             # once (one step's graph alive). Weight 1 / (n |S_i|) per (i, t in S_i): J = mean_i mean_{t in S_i} over the
             # n samples of the minibatch. Rows that do not train step t ride along in their chunk, masked out.
-            net.train()
             ratio_min, ratio_max = torch.full((K,), float("nan")), torch.full((K,), float("nan"))
             ratio_mean = torch.zeros(K)
             ratio_cnt, clipped, total_loss, total_kl, first_dev = torch.zeros(K), [], 0.0, 0.0, 0.0
@@ -336,14 +335,11 @@ def main(cfg: Config) -> dict:
                 metrics["kl"] = total_kl / n_updates
             # ===================================== eval and save ===============================================
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-                net.eval()
                 metrics.update({f"eval_{k}": v for k, v in ev().items()})
-                net.train()
             run.log(step + 1, **metrics)
             if run.due(step + 1):
                 run.save(step + 1, snapshot())
 
-    net.eval()
     rewards = ev()
     summary = {"rewards_init": rewards_init, "rewards": rewards, "objectives": reward.names,
                "credit_per_step": (credit_sum / max(credit_n, 1)).tolist(),
