@@ -75,6 +75,16 @@ def test_velocity_matches_monte_carlo(seed, sigma):
     assert ((v - v_mc).abs() <= 5 * se + 2e-3).all(), (v, v_mc, se)
     # E[x0 | x] = x - sigma v (decisions.md conversion) holds for the closed form.
     torch.testing.assert_close(m.posterior_mean(x, sigma), x - sigma * v, rtol=1e-9, atol=1e-9)
+    # Exact posterior draws: their mean is the closed-form posterior mean, and their second moment matches the
+    # importance-weighted prior draws.
+    draws = m.posterior_sample(x, sigma, 5_000, generator=torch.Generator().manual_seed(seed + 2))  # (6, m, 2)
+    se_draw = draws.std(1) / math.sqrt(draws.shape[1])
+    assert ((draws.mean(1) - m.posterior_mean(x, sigma)).abs() <= 5 * se_draw + 1e-6).all()
+    x0 = m.sample(40_000, generator=torch.Generator().manual_seed(seed)).double()
+    w = torch.softmax(-((x[:, None, :] - (1 - sigma) * x0[None]) ** 2).sum(-1) / (2 * sigma ** 2), -1)
+    second_mc = torch.einsum("bn,ni,nj->bij", w, x0, x0)
+    second = torch.einsum("bmi,bmj->bij", draws, draws) / draws.shape[1]
+    assert ((second - second_mc).abs() <= 0.05 * (1 + second_mc.abs())).all()
 
 
 @settings(max_examples=10)

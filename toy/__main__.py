@@ -5,6 +5,7 @@ Writes to DIR:
   tilted.png     the default mixture and its closed-form reward tilts p_T e^{beta r} / Z (linear, quadratic)
   gaps.png       K-step Euler samples of the exact mixture velocity (and of the learned teacher) over the target's
                  contours, with trajectories: the few-step gap
+  decided.png    when OTCA's two toy objectives are decided along the path: R^2(sigma) of "mode" and "centre"
   gaps.md, gaps.json  KL(q_K || p) by exact change of variables (mean +- standard error), MMD to data, mass of mode 0
 """
 from __future__ import annotations
@@ -114,8 +115,20 @@ def main(argv=None) -> int:
     plots.plot_trajectories(traj.states, ax=axes[ai], logp=mix.log_prob, title="exact velocity, K=4 paths")
     plots.save_figure(fig, out / "gaps.png")
 
+    # ----- when OTCA's two objectives are decided ---------------------------------------------------------------
+    from toy.metrics import decision_curve
+    from toy.rewards import otca_reward
+    levels = [i / 10 for i in range(11)]
+    curve = decision_curve(mix, otca_reward(), levels, n=1000, m=16, generator=g)
+    records = [{"sigma": s, "mode": float(c[0]), "centre": float(c[1])} for s, c in zip(levels, curve)]
+    ax = plots.plot_curves(records, ["mode", "centre"], x="sigma",
+                           title="OTCA objectives: R^2 = Var(E[f | x_sigma]) / Var(f)")
+    ax.invert_xaxis()  # sampling runs from sigma = 1 to 0
+    plots.save_figure(ax, out / "decided.png")
+
     summary = {"dataset": backend.dataset.name, "n": args.n, "seed": args.seed, "gaps": rows, "tilts": tilt_rows,
-               "data_mass_mode0": float(mix.weights[0]), "seconds": round(time.time() - t0, 1)}
+               "data_mass_mode0": float(mix.weights[0]),
+               "otca_decided": records, "seconds": round(time.time() - t0, 1)}
     (out / "gaps.json").write_text(json.dumps(summary, indent=2))
     lines = [f"# Few-step gap on {backend.dataset.name}", "",
              f"KL(q_K || p) of the deterministic K-step Euler sampler, by exact change of variables on {args.n} "
@@ -128,7 +141,8 @@ def main(argv=None) -> int:
         se = "-" if math.isnan(r["stderr"]) else f"{r['stderr']:.4f}"
         lines.append(f"| {r['teacher']} | {r['K']} | {kl} | {se} | {r['mmd']:.4f} | {r['mass_mode0']:.3f} |")
     (out / "gaps.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}/datasets.png, tilted.png, gaps.png, gaps.md, gaps.json in {time.time() - t0:.1f} s")
+    print(f"wrote {out}/datasets.png, tilted.png, gaps.png, decided.png, gaps.md, gaps.json "
+          f"in {time.time() - t0:.1f} s")
     return 0
 
 

@@ -204,6 +204,34 @@ class GaussianMixture:
         eps = (r[..., None] * eps_k).sum(1)
         return x0, eps
 
+    def posterior_sample(self, x: torch.Tensor, sigma, m: int, generator: torch.Generator | None = None):
+        """m exact draws of x0 ~ p(x0 | x_sigma = x) per point: (B, D) -> (B, m, D) float64.
+
+        The posterior is again a Gaussian mixture: component k with probability p(k | x), then
+        x0 ~ N(E[x0 | x, k], Sigma_k - a^2 Sigma_k C_k^{-1} Sigma_k) (a = 1 - sigma, C_k = a^2 Sigma_k + sigma^2 I);
+        the covariance vanishes at sigma = 0 (x0 = x) and is Sigma_k at sigma = 1.
+        """
+        B = x.shape[0]
+        x64 = x.to(device=self.means.device, dtype=torch.float64)
+        s = self._sigma(sigma, B)
+        a, sb, mm, C = self._path_params(s, B)
+        diff = x64[:, None, :] - mm
+        Cinv, logdet = inv_logdet(C)
+        Cinv_diff = (Cinv @ diff[..., None])[..., 0]
+        logr = torch.log(self.weights) - 0.5 * (diff * Cinv_diff).sum(-1) - 0.5 * logdet
+        g_dev = generator.device if generator is not None else self.means.device
+        k = torch.multinomial(torch.softmax(logr, -1).to(g_dev), m, replacement=True,
+                              generator=generator).to(self.means.device)  # (B, m)
+        S = self.covs[None]  # (1, K, D, D)
+        mean_k = self.means[None] + a * (S @ Cinv_diff[..., None])[..., 0]  # (B, K, D)
+        cov_k = S - a[..., None] ** 2 * S @ Cinv @ S  # (B, K, D, D)
+        cov_k = 0.5 * (cov_k + cov_k.transpose(-1, -2))
+        eye = torch.eye(self.dim, dtype=torch.float64, device=self.means.device)
+        L = torch.linalg.cholesky(cov_k + 1e-12 * eye)  # jitter: the covariance is exactly 0 at sigma = 0
+        bi = torch.arange(B, device=k.device)[:, None].expand(B, m)
+        z = torch.randn(B, m, self.dim, generator=generator, device=g_dev, dtype=torch.float64).to(self.means.device)
+        return mean_k[bi, k] + (L[bi, k] @ z[..., None])[..., 0]
+
     def posterior_mean(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """E[x0 | x_sigma = x]: (B, D), x's dtype."""
         return self.posterior(x, sigma)[0].to(x.dtype)
