@@ -95,7 +95,7 @@ class Config(RunConfig):
     eval_seed: int = opt(1234, "seed of the held-out noise")
     eval_every: int = opt(0, "evaluate the student every N steps (0 = only at the start and the end)", min=0)
     eval_nfe: list[int] = opt([], "extra student budgets evaluated at the end (e.g. 3,5,8,50)")
-    eval_only: bool = opt(False, "evaluate --ckpt (a run directory or checkpoint file) and exit")
+    eval_only: bool = opt(False, "evaluate --ckpt (its model and --nfe; this command's reward and eval flags)")
     ckpt: str = opt("", "checkpoint for --eval-only", path=True)
 
 
@@ -199,6 +199,11 @@ def main(cfg: Config) -> dict:
     torch.set_num_threads(max(1, min(torch.get_num_threads(), int(os.environ.get("RATS_THREADS", "1")))))
     rank, world, device = init_distributed(cfg.device)
     seed_everything(cfg.seed + rank)
+    ckpt = load_checkpoint(cfg.ckpt) if cfg.eval_only else None
+    if ckpt is not None:  # the model and the trained budget come from the run; reward and eval flags from here
+        for k in ("teacher", "tiny", "pretrained", "preset", "lora_rank", "full_finetune", "shift", "guidance",
+                  "nfe", "teacher_nfe"):
+            setattr(cfg, k, ckpt["config"].get(k, getattr(cfg, k)))
     backend = build_backend(cfg, device)
     reward = build_reward(cfg.reward, tiny=cfg.tiny, device=device).to(device)
     if not reward.differentiable:
@@ -226,8 +231,7 @@ def main(cfg: Config) -> dict:
     run = None if cfg.eval_only else Run(cfg, "rats", device=device,
                                          show=["r_student", "r_teacher", "gate_mean", "shape_loss"])
     if cfg.eval_only:
-        state = load_checkpoint(cfg.ckpt)["state"]
-        net.load_state_dict(state["net"], strict=False)
+        net.load_state_dict(ckpt["state"]["net"], strict=False)
         net.eval()
         out = {"reward_teacher": evaluate(backend, teacher, reward, ev, sig_T, cfg)[0]["reward"],
                **final_eval(backend, net, teacher, base, reward, ev, sig_S, sig_T, cfg)}

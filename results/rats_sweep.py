@@ -32,7 +32,16 @@ SETTINGS = {
     "toy": {"base": ["--teacher", "toy2d", "--steps", "100", "--batch-size", "128", "--eval-size", "256"],
             "nfe": [2, 4], "seeds": [0, 1, 2],
             "cols": ["reward_student", "kl_student_teacher", "mmd_student_teacher", "spread", "reward_teacher_ema"]},
-    "dit": {"base": ["--teacher", "dit", "--eval-size", "64"], "nfe": [3, 5, 8], "seeds": [0],
+    # The same toy world with the reward scaled by 0.1 (gaps and reward gradients 10x smaller against tau and
+    # the shaping term): the regime where the gate has something to do. Three variants only.
+    "toy_weak": {"base": ["--teacher", "toy2d", "--steps", "100", "--batch-size", "128", "--eval-size", "256",
+                          "--reward", "toy_quadratic:0.1"],
+                 "nfe": [2], "seeds": [0, 1, 2], "variants": ["rats (gate)", "no gate (w = 1)", "reward only (w = 0)"],
+                 "cols": ["reward_student", "kl_student_teacher", "mmd_student_teacher", "spread",
+                          "reward_teacher_ema"]},
+    # DiT: the tiny preset's pretrained teacher (toy.pretrain_dit --preset tiny; pass --pretrained DIR to pick one)
+    "dit": {"base": ["--teacher", "dit", "--steps", "20", "--batch-size", "8", "--eval-size", "36",
+                     "--eval-batch", "36"], "nfe": [3, 5, 8], "seeds": [0],
             "cols": ["reward_student", "reward_teacher_ema"]},
 }
 
@@ -133,7 +142,7 @@ if __name__ == "__main__":
         extra.remove("--quick")
         spec["nfe"], spec["seeds"], variants = spec["nfe"][:1], spec["seeds"][:1], list(VARIANTS)[:2]
     else:
-        variants = list(VARIANTS)
+        variants = spec.get("variants", list(VARIANTS))
     rows = run_all(setting, variants, spec["seeds"], spec["nfe"], extra)
     command = "HF_HUB_OFFLINE=1 .venv/bin/python results/rats_sweep.py " + " ".join(sys.argv[1:])
     write_tables(setting, rows, command)

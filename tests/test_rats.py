@@ -77,7 +77,11 @@ def test_script_ema_teacher_and_frozen_teacher(tmp_path):
     # End to end: after one step the saved teacher (EMA shadow) is mu * base + (1 - mu) * student.
     from common.backend import get_backend
     base = {n: p.detach().clone() for n, p in get_backend("toy2d").network.named_parameters()}
-    _run(tmp_path / "ema", "--steps", "1", "--ema-decay", "0.5", "--nfe", "2")
+    _, trained = _run(tmp_path / "ema", "--steps", "1", "--ema-decay", "0.5", "--nfe", "2")
+    # --eval-only reloads the student (and its K) from the checkpoint: the same score on the same eval set
+    cfg = parse_config(rats.Config, TOY + ["--eval-only", "--ckpt", str(tmp_path / "ema"), "--nfe", "7"])
+    again = rats.main(cfg)
+    assert cfg.nfe == 2 and again["reward_student"] == pytest.approx(trained["reward_student"], abs=1e-6)
     state = load_checkpoint(str(tmp_path / "ema"))["state"]
     names = list(state["net"])
     for n, shadow in zip(names, state["ema"]["shadow"]):
