@@ -62,14 +62,16 @@ def load_prompts(path: str, limit: int | None = None) -> list[str]:
             try:
                 import pandas as pd
             except ImportError:
-                raise PromptError(f"{path}: reading parquet needs pandas and pyarrow (pip install pandas pyarrow)") from None
+                raise PromptError(f"{path}: reading parquet needs pandas and pyarrow "
+                                  "(pip install pandas pyarrow)") from None
             df = pd.read_parquet(path)
             key = next((k for k in PROMPT_KEYS if k in df.columns), None)
             if key is None:
                 raise PromptError(f"{path}: no prompt column (expected one of {', '.join(PROMPT_KEYS)})")
             out = [str(x) for x in df[key].tolist()]
         else:
-            raise PromptError(f"{path}: unknown prompt file type {ext!r} (use .txt, .json, .jsonl, .csv, .tsv or .parquet)")
+            raise PromptError(f"{path}: unknown prompt file type {ext!r} "
+                              "(use .txt, .json, .jsonl, .csv, .tsv or .parquet)")
     except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as e:
         raise PromptError(f"{path}: malformed {ext[1:]} file ({type(e).__name__}: {str(e)[:80]})") from None
     if not out:

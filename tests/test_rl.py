@@ -84,7 +84,8 @@ def test_clipped_surrogate_with_per_step_advantages():
 def test_same_std_kl_matches_torch_and_is_zero_iff_equal(seed, std):
     g = torch.Generator().manual_seed(seed)
     mu_p, mu_q = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
-    ref = torch.distributions.kl_divergence(torch.distributions.Normal(mu_p, std), torch.distributions.Normal(mu_q, std))
+    Normal = torch.distributions.Normal
+    ref = torch.distributions.kl_divergence(Normal(mu_p, std), Normal(mu_q, std))
     assert torch.allclose(gaussian_kl_same_std(mu_p, mu_q, std), ref.mean(1), rtol=1e-4, atol=1e-6)
     assert torch.allclose(gaussian_kl_same_std(mu_p, mu_q, std, reduce="sum"), ref.sum(1), rtol=1e-4, atol=1e-5)
     assert bool((gaussian_kl_same_std(mu_p, mu_q, std) >= 0).all())
