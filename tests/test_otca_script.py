@@ -69,9 +69,11 @@ def test_user_error_is_one_line_exit_2(flags, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("teacher,reward", [("flux", "hps,clip"), ("wan", "temporal_consistency,motion_smoothness")])
+@pytest.mark.parametrize("teacher,reward", [("flux", "hps,clip"), ("wan", "temporal_consistency,motion_smoothness"),
+                                            ("dit", "dit_color,dit_size")])
 def test_tiny_backend_smoke(tmp_path, teacher, reward):
-    """Two training steps on the tiny diffusers twins with a two-objective reward; the ratio is exactly 1."""
+    """Two training steps on the tiny diffusers twins (and the random tiny DiT, whose text encoder has an eval-mode
+    fast path) with a two-objective reward; the ratio is exactly 1 on-policy."""
     torch.manual_seed(0)
     summary, rows = _run(tmp_path, "--teacher", teacher, "--tiny", "--steps", "2", "--reward", reward,
                          "--nfe", "3", "--group-size", "2", "--prompts-per-step", "1", "--micro-batch", "0",
