@@ -182,7 +182,7 @@ def evaluate(backend, net, reward, held, sigmas, micro_batch, precision, device)
 def main(cfg: Config) -> dict:
     rank, world, device = dist.init_distributed(cfg.device)
     seed_everything(cfg.seed + rank)
-    backend = get_backend(cfg.teacher, device=device, tiny=cfg.tiny, seed=cfg.seed,
+    backend = get_backend(cfg.teacher, device=device, tiny=cfg.tiny,  # the base model does not depend on --seed
                           **({"pretrained": cfg.pretrained} if cfg.pretrained else {}),
                           **({"dtype": torch.bfloat16} if cfg.precision == "bf16" else {}))
     reward = build_reward(cfg.reward, tiny=cfg.tiny, device=device, dataset=getattr(backend, "dataset", None)
