@@ -160,7 +160,8 @@ def test_training_step_through_transformer_and_vae(family):
     be = get_backend(family, tiny=True, gradient_checkpointing=True)
     net = be.network
     net.train()
-    assert all(m.is_gradient_checkpointing for m in [net])
+    assert net.is_gradient_checkpointing
+    assert be.pipe.vae.is_gradient_checkpointing or not be.pipe.vae._supports_gradient_checkpointing
     params = be.trainable_parameters(net)
     assert params and all("lora_" in n for n, p in net.named_parameters() if p.requires_grad)
     opt = torch.optim.SGD(params, lr=1.0)

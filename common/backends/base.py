@@ -167,6 +167,10 @@ class DiffusersBackend(Backend):
         if gradient_checkpointing:
             for m in diffusers_models(self.network):
                 m.enable_gradient_checkpointing()
+            # the decoder too, where diffusers supports it: reward gradients through a 512 px decode are large
+            vae = self.pipe.vae
+            if getattr(vae, "_supports_gradient_checkpointing", False):
+                vae.enable_gradient_checkpointing()
         self._check_size()
         self.latent_shape = tuple(self._latent_shape())
         self.shift = float(shift if shift is not None else self._default_shift())
