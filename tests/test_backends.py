@@ -51,8 +51,14 @@ def _flux2_kw(be, c):
                 guidance_scale=be.guidance)
 
 
+def _flux_true_cfg_kw(be, c):
+    return dict(_flux_kw(be, c), true_cfg_scale=be.true_cfg, negative_prompt_embeds=c["neg_prompt_embeds"],
+                negative_pooled_prompt_embeds=c["neg_pooled_prompt_embeds"])
+
+
 CASES = {
     "flux": (lambda: FluxBackend(tiny=True), _flux_kw),
+    "flux_true_cfg": (lambda: FluxBackend(tiny=True, true_cfg=2.5, negative_prompt="blurry"), _flux_true_cfg_kw),
     "sd3": (lambda: SD3Backend(tiny=True), _sd3_kw),
     "wan": (lambda: WanBackend(tiny=True), _wan_kw),
     "wan22": (lambda: WanBackend(tiny=True, two_experts=True, guidance=4.0, guidance_2=2.0), _wan_kw),

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from common.backend import Cond
-from common.backends.base import DiffusersBackend, sigma_batch, to_unit_range
+from common.backends.base import DiffusersBackend, cfg_combine, sigma_batch, to_unit_range
 from common.flow import flux_mu, make_sigmas
 
 
@@ -38,7 +38,8 @@ def image_ids(h2: int, w2: int, device=None) -> torch.Tensor:
 
 
 class FluxBackend(DiffusersBackend):
-    """FLUX.1-dev (12B transformer, CLIP-L + T5-XXL, 16-channel VAE). Defaults: 512x512, guidance 3.5."""
+    """FLUX.1-dev (12B transformer, CLIP-L + T5-XXL, 16-channel VAE). Defaults: 512x512, guidance 3.5.
+    Extra option: true_cfg (FluxPipeline's true_cfg_scale with the negative prompt; default 1 = off)."""
 
     name = "flux"
     media = "image"
@@ -53,6 +54,9 @@ class FluxBackend(DiffusersBackend):
     default_max_seq = 512
 
     def _setup_defaults(self) -> None:
+        # FluxPipeline's true_cfg_scale: optional true CFG on top of the embedded guidance (off by default)
+        self.true_cfg = float(self.family_options.pop("true_cfg", 1.0))
+        self.uses_true_cfg = self.true_cfg != 1.0
         if self.tiny:
             from common.backends.tiny import TINY_HEIGHT, TINY_MAX_SEQ, TINY_WIDTH
             self.default_size, self.default_max_seq = (TINY_HEIGHT, TINY_WIDTH), TINY_MAX_SEQ
@@ -84,21 +88,31 @@ class FluxBackend(DiffusersBackend):
         return {"prompt_embeds": pe, "pooled_prompt_embeds": pooled}
 
     def velocity(self, net: nn.Module, x: torch.Tensor, sigma, cond: Cond, guidance: float | None = None):
-        """v = transformer(x, t = sigma, text, guidance) in float32; x packed (B, N, 4C)."""
+        """v = transformer(x, t = sigma, text, guidance) in float32; x packed (B, N, 4C).
+
+        guidance is the embedded scale (one pass). With the true_cfg option (FluxPipeline's true_cfg_scale),
+        v = v_u + true_cfg (v_c - v_u) on top, from one batched pass over [negative; positive]."""
         g = self.guidance if guidance is None else float(guidance)
         B = x.shape[0]
         dt = self._net_dtype(net)
         s = sigma_batch(sigma, B, x.device)
         h, w = self.latent_hw
-        pe = cond["prompt_embeds"]
+        pe, pooled = cond["prompt_embeds"], cond["pooled_prompt_embeds"]
+        cfg = self.uses_true_cfg
+        if cfg:
+            x, s = torch.cat([x, x]), torch.cat([s, s])
+            pe = torch.cat([cond["neg_prompt_embeds"], pe])
+            pooled = torch.cat([cond["neg_pooled_prompt_embeds"], pooled])
         kw = {}
         if net.config.guidance_embeds:
-            kw["guidance"] = torch.full((B,), g, device=x.device, dtype=torch.float32)
-        out = net(hidden_states=x.to(dt), encoder_hidden_states=pe.to(dt),
-                  pooled_projections=cond["pooled_prompt_embeds"].to(dt), timestep=s.to(dt),
-                  img_ids=image_ids(h // 2, w // 2, x.device), txt_ids=torch.zeros(pe.shape[1], 3, device=x.device),
-                  return_dict=False, **kw)[0]
-        return out.float()
+            kw["guidance"] = torch.full((x.shape[0],), g, device=x.device, dtype=torch.float32)
+        out = net(hidden_states=x.to(dt), encoder_hidden_states=pe.to(dt), pooled_projections=pooled.to(dt),
+                  timestep=s.to(dt), img_ids=image_ids(h // 2, w // 2, x.device),
+                  txt_ids=torch.zeros(pe.shape[1], 3, device=x.device), return_dict=False, **kw)[0].float()
+        if not cfg:
+            return out
+        v_u, v_c = out.chunk(2)
+        return cfg_combine(v_u, v_c, self.true_cfg)
 
     def to_vae_latents(self, x: torch.Tensor) -> torch.Tensor:
         """Packed latents -> the VAE's input: unpack, then z / scaling + shift."""
