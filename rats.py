@@ -239,7 +239,14 @@ def main(cfg: Config) -> dict:
         print(json.dumps(out, indent=2))
         return out
     summary = {"matching_index": j.tolist(), "sigmas_student": sig_S.tolist()}
-    if is_main():  # before any update: the base teacher at N steps and the untrained student at K steps
+    state = run.resume()
+    if state:
+        net.load_state_dict(state["net"], strict=False)
+        opt_.load_state_dict(state["opt"])
+        ema.load_state_dict(state["ema"])
+        normalizer.load_state_dict(state["gap_norm"])
+        summary.update(state["summary"])
+    elif is_main():  # before any update: the base teacher at N steps and the untrained student at K steps
         net.eval()
         summary["reward_teacher"] = evaluate(backend, teacher, reward, ev, sig_T, cfg)[0]["reward"]
         ev0, lat0 = evaluate(backend, net, reward, ev, sig_S, cfg)
@@ -248,13 +255,6 @@ def main(cfg: Config) -> dict:
             summary.update({f"{k}_init": v for k, v in
                             point_metrics(backend, net, base, sig_S, sig_T, ev, lat0, cfg).items()})
         net.train()
-    state = run.resume()
-    if state:
-        net.load_state_dict(state["net"], strict=False)
-        opt_.load_state_dict(state["opt"])
-        ema.load_state_dict(state["ema"])
-        normalizer.load_state_dict(state["gap_norm"])
-        summary.update(state["summary"])
 
     def snapshot():
         return {"net": {n: p.detach() for n, p in net.named_parameters() if p.requires_grad},
@@ -292,12 +292,12 @@ def main(cfg: Config) -> dict:
                 # ---- loss: matched-horizon shaping + reward ----
                 if cfg.match == "x0":
                     seq_S, seq_T = traj_S.x0, traj_T.x0                            # (B, K, ...), (B, N, ...)
-                    before = traj_S.states[:, :-1]                                 # the inputs of steps 0..K-1
                 else:
                     seq_S, seq_T = traj_S.states[:, 1:], traj_T.states             # (B, K, ...), (B, N+1, ...)
-                    before = traj_S.states[:, :-1]
                 if cfg.detach_inputs:
-                    # x0_k = x_k - s v_k: remove the x_k path too, so horizon k sees only its own evaluation
+                    # x0_k = x_k - s_k v_k and x_{k+1} = x_k + (s_{k+1} - s_k) v_k: remove the x_k path too
+                    # (same value, no gradient), so horizon k sees only its own network evaluation
+                    before = traj_S.states[:, :-1]                                 # (B, K, ...) step inputs
                     seq_S = seq_S - before + before.detach()
                 l_shape, per_h = shaping_loss(seq_S, seq_T, index, horizons, lambda_cos=cfg.lambda_cos,
                                               lambda_mse=cfg.lambda_mse)
