@@ -19,6 +19,7 @@ Baselines and ablations are flags (shared/spec/decisions.md, OTCA):
   --credit tcd     --objectives static        TCD only
   --credit uniform --objectives moca          MOCA only
   --credit tcd     --objectives moca          OTCA (the default)
+  --credit tcd_batch                          ablation: the batch-mean TCD profile (no action-dependent credit)
   --objectives sum                            DanceGRPO: the weighted sum of per-objective clipped losses
   --credit-source x0 | --credit-norm sum_one | --sde flow_grpo | --beta-kl 0.04 | --train-fraction 0.6
   --prior reward                              the --reward weights as the prior (default uniform)
@@ -47,8 +48,8 @@ import torch
 from common import dist
 from common.backend import Backend, get_backend
 from common.config import ConfigError, RunConfig, opt, parse_config, user_errors
-from common.credit import (moca_fuse, objective_advantages, per_objective_clipped_loss, fused_clipped_loss,
-                           step_advantages, tcd_credit, uniform_credit)
+from common.credit import (batch_mean_credit, fused_clipped_loss, moca_fuse, objective_advantages,
+                           per_objective_clipped_loss, step_advantages, tcd_credit, uniform_credit)
 from common.evaluate import held_out, sample_final
 from common.flow import rollout, sde_step, transition_logprob
 from common.prompts import load_prompts
@@ -80,7 +81,8 @@ class Config(RunConfig):
     same_noise: bool = opt(False, "share the initial noise inside a group (DanceGRPO init_same_noise)")
     micro_batch: int = opt(0, "samples per forward pass, rollout and training alike (0 = all)", min=0)
     # --- credit and objectives
-    credit: Literal["tcd", "uniform"] = opt("tcd", "step credit: tcd (OTCA) | uniform (plain GRPO)")
+    credit: Literal["tcd", "tcd_batch", "uniform"] = opt(
+        "tcd", "step credit: tcd (OTCA, per sample) | tcd_batch (ablation: batch-mean TCD profile) | uniform (GRPO)")
     credit_source: Literal["states", "x0"] = opt("states", "TCD progress of the states z_t or of the x0-predictions")
     credit_norm: Literal["mean_one", "sum_one"] = opt("mean_one", "credit normalisation per sample")
     eps_w: float = opt(1e-3, "TCD floor added to the truncated progress", min=0)
@@ -255,9 +257,10 @@ def main(cfg: Config) -> dict:
             fused = dist.local_rows(fused_all, B)                                         # (B,)
             a_obj = dist.local_rows(a_all, B).clamp(-cfg.adv_clamp, cfg.adv_clamp)        # (B, M)
             trained = trained_mask(B, K, cfg.train_fraction, g_steps).to(device)          # (B, K)
-            if cfg.credit == "tcd":
+            if cfg.credit in ("tcd", "tcd_batch"):
                 omega = tcd_credit(states, trained, x0=x0s, source=cfg.credit_source, eps_w=cfg.eps_w,
                                    norm=cfg.credit_norm)                                  # (B, K)
+                omega = batch_mean_credit(omega, trained) if cfg.credit == "tcd_batch" else omega
             else:
                 omega = uniform_credit(trained, cfg.credit_norm)
             adv = step_advantages(fused, omega)                                           # (B, K)

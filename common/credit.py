@@ -86,6 +86,17 @@ def step_credit(s: torch.Tensor, trained: torch.Tensor, eps_w: float = 1e-3, nor
     return torch.where(n > 0, n * w * mask / (w * mask).sum(1, keepdim=True).clamp_min(1e-30), torch.zeros_like(w))
 
 
+def batch_mean_credit(omega: torch.Tensor, trained: torch.Tensor) -> torch.Tensor:
+    """An ablation of TCD: the batch-mean credit profile, the same for every sample, renormalised per sample to
+    mean one over its trained steps. (B, K) -> (B, K). Per-sample TCD weights depend on the sampled actions (a step
+    that happened to move z toward z_K gets more credit), so they re-weight the policy gradient in an action-
+    dependent way; a profile shared by the batch only re-weights the steps, like a learning rate per step."""
+    prof = (omega * trained).sum(0, keepdim=True) / trained.sum(0, keepdim=True).clamp_min(1)  # (1, K)
+    w = prof.expand_as(omega) * trained
+    n = trained.sum(1, keepdim=True)
+    return torch.where(n > 0, n * w / w.sum(1, keepdim=True).clamp_min(1e-30), torch.zeros_like(w))
+
+
 def uniform_credit(trained: torch.Tensor, norm: str = "mean_one") -> torch.Tensor:
     """Plain GRPO's credit: 1 on every trained step ('mean_one'), or 1/K everywhere ('sum_one'). (B, K)."""
     if norm == "sum_one":

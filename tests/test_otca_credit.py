@@ -6,8 +6,8 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from common.credit import (cosine_progress, min_norm_weights, mix_weights, moca_fuse, objective_advantages,
-                           per_objective_clipped_loss, fused_clipped_loss, step_advantages, step_credit,
+from common.credit import (batch_mean_credit, cosine_progress, fused_clipped_loss, min_norm_weights, mix_weights,
+                           moca_fuse, objective_advantages, per_objective_clipped_loss, step_advantages, step_credit,
                            tcd_credit, uniform_credit)
 from common.flow import make_sigmas, rollout, transition_logprob
 from common.rl import clipped_surrogate, group_advantages
@@ -283,3 +283,13 @@ def test_uniform_credit_single_objective_is_plain_grpo():
     for a_, b_ in zip(g_ref, g_otca):
         assert torch.equal(a_, b_)
     assert any(g.abs().sum() > 0 for g in g_ref)
+
+
+def test_batch_mean_credit_shared_profile():
+    z = _traj(11, B=4, K=5)
+    trained = torch.ones(4, 5, dtype=torch.bool)
+    trained[:, -1] = False
+    w = batch_mean_credit(tcd_credit(z, trained), trained)
+    assert torch.equal(w, w[:1].expand_as(w))  # one profile for the whole batch
+    torch.testing.assert_close(w[:, :4].mean(1), torch.ones(4))
+    assert (w[:, -1] == 0).all()
