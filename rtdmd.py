@@ -52,7 +52,7 @@ class Config(RunConfig):
     stage: Literal["1", "2", "all"] = opt("all", "1 = AC-DMD, 2 = RTDMD fine-tune, all = both")
     tiny: bool = opt(False, "tiny random model (offline, CPU)")
     pretrained: str = opt("", "hub id or local diffusers directory ('' = the backend's default)")
-    toy_teacher: Literal["exact", "learned"] = opt("exact", "toy2d only: the exact mixture velocity or the learned net")
+    toy_teacher: str = opt("", "toy2d only: exact (the mixture velocity) or learned (the net) teacher")
     timesteps: list[int] = opt([1000, 750, 500, 250], "generator raw timesteps (then the backbone's shift)")
     eta: float = opt(0.9, "CPS noise level eta (0 = Euler, 1 = DMD2 re-noise)", min=0, max=1)
     cfg_scale: float = opt(1.0, "teacher (real score) CFG scale; the fake score never uses CFG", min=0)
@@ -93,7 +93,7 @@ class Config(RunConfig):
 
 
 PRESETS = {
-    "toy2d": {"steps": 1500, "epochs": 300, "lr": 2e-4, "fake_lr": 1e-3, "advantage": "raw", "beta": 0.5,
+    "toy2d": {"toy_teacher": "exact", "dmd_through": "all", "steps": 1500, "epochs": 300, "lr": 2e-4, "fake_lr": 1e-3, "advantage": "raw", "beta": 0.5,
               "lr2": 1e-4, "weight_decay2": 0.0, "fake_updates2": 5},
     "dit": {"steps": 300, "epochs": 50, "batch": 32, "lr": 1e-4, "fake_lr": 1e-4, "groups": 4, "group_size": 8,
             "reward": "dit_color", "eval_samples": 512},
@@ -143,7 +143,7 @@ def main(cfg: Config):
     seed_everything(cfg.seed)
     if not torch.cuda.is_available():
         torch.set_num_threads(1)   # the toy is latency-bound: extra intra-op threads only spin on a shared CPU
-    backend = get_backend(cfg.teacher, tiny=cfg.tiny, teacher=cfg.toy_teacher, seed=cfg.seed,
+    backend = get_backend(cfg.teacher, tiny=cfg.tiny, seed=cfg.seed, **({"teacher": cfg.toy_teacher} if cfg.toy_teacher else {}),
                           **({"pretrained": cfg.pretrained} if cfg.pretrained else {}),
                           **({"device": cfg.device} if cfg.device != "auto" else {}))
     dev = backend.device
@@ -180,11 +180,16 @@ def main(cfg: Config):
     def batch_cond(n):
         return backend.encode([rng.choice(prompts_all) for _ in range(n)])
 
-    def fake_loss(x_s, s, cond):
-        """Ambient DSM on detached generator samples x_s at levels s (B,), plus gamma x consistency."""
-        t = sample_renoise_level(s, gcpu).to(dev)
+    def fake_loss(x_s, s, cond, t_range=None):
+        """Ambient DSM on detached generator samples x_s at levels s (B,), plus gamma x consistency.
+        t_range (raw toy mode): t ~ U[t_range] with weight 1, where the KL direction reads the fake score."""
+        if t_range is None:
+            t = sample_renoise_level(s, gcpu).to(dev)
+        else:
+            t = t_range[0] + (t_range[1] - t_range[0]) * torch.rand(s.shape, generator=gcpu).to(dev)
         e2 = randn(x_s.shape)
-        x_t, u, w = ambient_forward(x_s, s, t, e2), ambient_target(x_s, s, t, e2), ambient_weight(s, t)
+        x_t, u = ambient_forward(x_s, s, t, e2), ambient_target(x_s, s, t, e2)
+        w = ambient_weight(s, t) if t_range is None else 1.0
         fn = backend.velocity_fn(fake, cond, 1.0)
         v = fn(x_t, t)
         l_amb = ambient_fake_loss(v, u, w)
@@ -194,8 +199,8 @@ def main(cfg: Config):
             l_cons = consistency_loss(fn, x_t, t, v, t2, cfg.kernel, cfg.eta, gcpu)
         return l_amb, l_cons
 
-    def fake_step(x_s, s, cond):
-        l_amb, l_cons = fake_loss(x_s.detach(), s, cond)
+    def fake_step(x_s, s, cond, t_range=None):
+        l_amb, l_cons = fake_loss(x_s.detach(), s, cond, t_range)
         opt_fake.zero_grad(set_to_none=True)
         (l_amb + cfg.gamma * l_cons).backward()
         clip_grad(fake_params, cfg.max_grad_norm)
@@ -215,11 +220,8 @@ def main(cfg: Config):
                                "kl_euler_*: exact change of variables of the same net sampled with eta = 0"}
     run_stage1, run_stage2 = cfg.stage in ("1", "all"), cfg.stage in ("2", "all")
     if cfg.init:
-        from common.runs import list_checkpoints, load_checkpoint
-        ck = list_checkpoints(cfg.init)
-        if not ck:
-            raise ConfigError(f"--init {cfg.init}: no checkpoint found")
-        st = load_checkpoint(ck[-1][1])
+        from common.runs import load_checkpoint
+        st = load_checkpoint(cfg.init, map_location=dev)["state"]     # the latest checkpoint of that run
         gen.load_state_dict(st["gen_ema"]), fake.load_state_dict(st["fake"])
     if is_toy:
         ev = toy_eval(backend, gen, sigmas, reward, cfg, tilt)
@@ -298,8 +300,9 @@ def main(cfg: Config):
                 # ---- reward ----
                 r = reward(backend.decode(tr.final), cond.prompts)          # (B, M)
             # ---- fake-score update(s) on the epoch's final samples (s = 0) ----
-            for _ in range(cfg.fake_updates2):
-                l_amb, l_cons = fake_step(tr.final, torch.zeros(B, device=dev), cond)
+            for _ in range(cfg.fake_updates2):   # raw mode: fit the fake where the KL direction reads it
+                l_amb, l_cons = fake_step(tr.final, torch.zeros(B, device=dev), cond,
+                                          (0.02, cfg.raw_t_max) if cfg.advantage == "raw" else None)
             # ---- advantages ----
             if cfg.advantage == "raw":
                 A = raw_advantages(reward.combine(r), cfg.group_size, cfg.beta)
