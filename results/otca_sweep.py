@@ -37,7 +37,7 @@ ABLATIONS = {  # extra rows (toy only): which part of TCD does what
 }
 SETTINGS = {
     "toy": {"base": ["--teacher", "toy2d"], "seeds": [0, 1, 2]},
-    "dit": {"base": ["--teacher", "dit", "--steps", "12", "--eval-samples", "48"], "seeds": [0, 1, 2]},
+    "dit": {"base": ["--teacher", "dit", "--steps", "16", "--eval-samples", "48"], "seeds": [0, 1]},
 }
 
 
@@ -143,8 +143,14 @@ def main(argv: list[str]) -> None:
     command = "HF_HUB_OFFLINE=1 .venv/bin/python results/otca_sweep.py " + " ".join([setting] + extra)
     rows = run_all(setting, SETTINGS[setting]["seeds"], extra)
     md = table(setting, rows, command)
-    with open(os.path.join(HERE, f"otca_{setting}.md"), "w") as f:
-        f.write(md)
+    path = os.path.join(HERE, f"otca_{setting}.md")
+    kept = ""
+    if os.path.isfile(path):  # the hand-written analysis below the table survives a rerun
+        with open(path) as f:
+            old = f.read()
+        kept = old[old.index("\n## Analysis"):] if "\n## Analysis" in old else ""
+    with open(path, "w") as f:
+        f.write(md + kept)
     with open(os.path.join(HERE, f"otca_{setting}.json"), "w") as f:
         json.dump({"command": command, "rows": [{**r, "runs": [{k: v for k, v in x.items() if k != "metrics"}
                                                                for x in r["runs"]]} for r in rows]}, f, indent=1)
