@@ -25,7 +25,6 @@ On a backend with fewer prompts than groups, groups of one prompt get distinct s
 from __future__ import annotations
 
 import copy
-import math
 import random
 from dataclasses import dataclass
 from typing import Literal
@@ -93,7 +92,8 @@ class Config(RunConfig):
 
 
 PRESETS = {
-    "toy2d": {"toy_teacher": "exact", "dmd_through": "all", "steps": 1500, "epochs": 300, "lr": 2e-4, "fake_lr": 1e-3, "advantage": "raw", "beta": 0.5,
+    "toy2d": {"toy_teacher": "exact", "dmd_through": "all", "steps": 1500, "epochs": 300, "lr": 2e-4, "fake_lr": 1e-3,
+              "advantage": "raw", "beta": 0.5,
               "lr2": 1e-4, "weight_decay2": 0.0, "fake_updates2": 5},
     "dit": {"steps": 300, "epochs": 50, "batch": 32, "lr": 1e-4, "fake_lr": 1e-4, "groups": 4, "group_size": 8,
             "reward": "dit_color", "eval_samples": 512},
@@ -143,7 +143,8 @@ def main(cfg: Config):
     seed_everything(cfg.seed)
     if not torch.cuda.is_available():
         torch.set_num_threads(1)   # the toy is latency-bound: extra intra-op threads only spin on a shared CPU
-    backend = get_backend(cfg.teacher, tiny=cfg.tiny, seed=cfg.seed, **({"teacher": cfg.toy_teacher} if cfg.toy_teacher else {}),
+    backend = get_backend(cfg.teacher, tiny=cfg.tiny, seed=cfg.seed,
+                          **({"teacher": cfg.toy_teacher} if cfg.toy_teacher else {}),
                           **({"pretrained": cfg.pretrained} if cfg.pretrained else {}),
                           **({"device": cfg.device} if cfg.device != "auto" else {}))
     dev = backend.device
