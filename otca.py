@@ -28,14 +28,16 @@ What it simplifies, and why:
   * The paper's method section could not be read (shared/spec/otca.md section 0); TCD's and MOCA's constants and
     normalisations are the reconstructions of that spec (eps_w = 1e-3, rho = 0.2, uniform prior, mean-one credit).
   * The credit and the objective weights are computed once per rollout from the behaviour policy (no gradient).
-  * Full fine-tuning of backend.trainable_parameters; LoRA, FSDP and gradient checkpointing are the backends'
-    business. No EMA, no CFG during training (guidance as the backend's default).
-  * Evaluation: deterministic Euler sampling from held-out noise on the held-out prompts, before and after.
+  * Trains backend.trainable_parameters (LoRA on the diffusers families, every weight on toy2d and the DiT). Data
+    parallel by averaging gradients over ranks once per optimizer step (no DDP wrapper, no FSDP here). No EMA.
+  * Guidance is the backend's default everywhere (rollouts, recomputation, evaluation): CFG 2 on the DiT, FLUX.1's
+    embedded guidance; there is no separate unguided training policy.
+  * Evaluation: deterministic Euler sampling of the held-out prompts from fixed held-out noise, before and after.
 
 Launch:
   python otca.py                                                      # toy world, CPU, about a minute
   python otca.py --teacher flux --reward hps:1,clip:1 --steps 200     # one GPU (use --tiny for an offline smoke run)
-  torchrun --nproc-per-node 8 otca.py --teacher wan --reward video_quality,text_alignment --steps 300
+  torchrun --nproc-per-node 8 otca.py --teacher wan --reward temporal_consistency,text_alignment --steps 300
 """
 from __future__ import annotations
 
