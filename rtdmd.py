@@ -70,6 +70,8 @@ class Config(RunConfig):
     epochs: int = opt(300, "stage-2 epochs (one generator update each)", min=0)
     init: str = opt("", "stage 2 only: a stage-1 run directory whose final EMA generator and fake score to load")
     reward: str = opt("toy_linear", "reward spec, e.g. toy_linear or clip:1,pickscore:1,hps:1")
+    reward_opts: str = opt("", "extra reward-factory options k=v,k=v (e.g. color_target=red on the small DiT)")
+    prompt_split: str = opt("train", "the backend's built-in prompt list (dit: train | eval | open)")
     groups: int = opt(16, "groups (prompts) per epoch", min=1)
     group_size: int = opt(16, "samples per group (K-repeat)", min=2)
     sub_steps: int = opt(2, "SubGRPO: stochastic steps trained per epoch (= #stochastic: full GRPO)", min=1)
@@ -95,8 +97,9 @@ PRESETS = {
     "toy2d": {"toy_teacher": "exact", "dmd_through": "all", "steps": 1500, "epochs": 300, "lr": 2e-4, "fake_lr": 1e-3,
               "advantage": "raw", "beta": 0.5,
               "lr2": 1e-4, "weight_decay2": 0.0, "fake_updates2": 5},
-    "dit": {"steps": 300, "epochs": 50, "batch": 32, "lr": 1e-4, "fake_lr": 1e-4, "groups": 4, "group_size": 8,
-            "reward": "dit_color", "eval_samples": 512},
+    "dit": {"steps": 300, "epochs": 60, "batch": 32, "lr": 1e-4, "fake_lr": 3e-4, "groups": 4, "group_size": 8,
+            "reward": "dit_color", "reward_opts": "color_target=red", "prompt_split": "open", "advantage": "raw",
+            "beta": 2.0, "dmd_through": "all", "lr2": 3e-5, "weight_decay2": 0.0, "cfg_scale": 2.0},
     "sd3": {"batch": 9, "lr": 3e-5, "fake_lr": 3e-5, "cfg_scale": 4.5, "groups": 2, "group_size": 24,
             "reward": "clip:1,pickscore:1,hps:1", "steps": 15000, "epochs": 1000, "precision": "bf16"},
     "flux2": {"batch": 6, "lr": 1e-6, "fake_lr": 1e-6, "cfg_scale": 4.0, "groups": 4, "group_size": 24,
@@ -148,7 +151,8 @@ def main(cfg: Config):
                           **({"pretrained": cfg.pretrained} if cfg.pretrained else {}),
                           **({"device": cfg.device} if cfg.device != "auto" else {}))
     dev = backend.device
-    reward = build_reward(cfg.reward, device=dev, tiny=cfg.tiny)
+    extra = dict(kv.split("=", 1) for kv in cfg.reward_opts.split(",") if "=" in kv)
+    reward = build_reward(cfg.reward, device=dev, tiny=cfg.tiny, **extra)
     # ----- models: generator (trained), fake score (trained, starts as a copy), teacher = real score (frozen) -----
     gen = backend.network
     fake = copy.deepcopy(gen).train()
@@ -164,7 +168,7 @@ def main(cfg: Config):
     # the family grid linspace(1, 1/K, K) IS the raw grid [1000, 750, 500, 250] for K = 4, with any dynamic shift
     sigmas = backend.sigmas(K) if uniform else make_sigmas(K, shift=backend.shift, timesteps=cfg.timesteps).to(dev)
     stochastic = list(range(K - 1))
-    prompts_all = backend.prompts("train")
+    prompts_all = backend.prompts(cfg.prompt_split)
     logprob = {"auto": "gaussian" if cfg.advantage == "raw" else "cps", "exact": "gaussian",
                "surrogate": "cps"}[cfg.logprob]
     reduce = "sum" if cfg.advantage == "raw" else "mean"   # raw: the exact log-density of the whole sample
@@ -217,14 +221,15 @@ def main(cfg: Config):
             return tr.x0[:, -1], torch.zeros(cond.batch_size, device=dev), k
         return tr.final, sigmas[k].expand(cond.batch_size).to(dev), k
 
-    summary = {"kl_estimator": "kl_hist_*: toy.metrics.kl_histogram of the CPS(eta) generator (binned, +-se); "
-                               "kl_euler_*: exact change of variables of the same net sampled with eta = 0"}
+    summary = {}
     run_stage1, run_stage2 = cfg.stage in ("1", "all"), cfg.stage in ("2", "all")
     if cfg.init:
         from common.runs import load_checkpoint
         st = load_checkpoint(cfg.init, map_location=dev)["state"]     # the latest checkpoint of that run
         gen.load_state_dict(st["gen_ema"]), fake.load_state_dict(st["fake"])
     if is_toy:
+        summary["kl_estimator"] = ("kl_hist_*: toy.metrics.kl_histogram of the CPS(eta) generator (binned, +-se); "
+                                   "kl_euler_*: exact change of variables of the same net sampled with eta = 0")
         ev = toy_eval(backend, gen, sigmas, reward, cfg, tilt)
         summary.update({f"{k}_init": v for k, v in ev.items()})
         summary["kl_init_teacher"], summary["kl_init_tilted"] = ev["kl_hist_teacher"], ev["kl_hist_tilted"]
