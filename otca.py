@@ -42,6 +42,7 @@ Launch:
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -52,12 +53,12 @@ from common.backend import Backend, get_backend
 from common.config import ConfigError, RunConfig, opt, parse_config, user_errors
 from common.credit import (batch_mean_credit, fused_clipped_loss, moca_fuse, objective_advantages,
                            per_objective_clipped_loss, step_advantages, tcd_credit, uniform_credit)
-from common.evaluate import held_out, sample_final
+from common.evaluate import held_out, markdown_table, sample_final, write_table
 from common.flow import rollout, sde_step, transition_logprob
 from common.prompts import load_prompts
 from common.rewards import build_reward
 from common.rl import clip_fraction, gaussian_kl_same_std
-from common.runs import Run
+from common.runs import Run, load_checkpoint
 from common.train import autocast, clip_grad, make_optimizer, seed_everything
 
 
@@ -108,6 +109,9 @@ class Config(RunConfig):
     eval_samples: int = opt(1024, "held-out samples per evaluation (split over the eval prompts)", min=0)
     eval_every: int = opt(0, "evaluate every N steps (0 = only before and after)", min=0)
     debug: bool = opt(False, "assert the importance ratio is exactly 1 on the first inner step")
+    eval_only: bool = opt(False, "no training: evaluate --ckpt (a run directory or checkpoint file) at --eval-nfe")
+    ckpt: str = opt("", "with --eval-only: the trained run to evaluate ('' = the base model)")
+    eval_nfe: list[int] = opt([3, 5, 8, 50], "with --eval-only: Euler step counts to evaluate")
 
 
 PRESETS = {
@@ -197,6 +201,28 @@ def evaluate(backend, net, reward, held, sigmas, micro_batch, precision, device)
     return out
 
 
+def eval_only(cfg: Config, backend, net, reward, device) -> dict:
+    """--eval-only: held-out rewards of the base model and of --ckpt at every --eval-nfe; eval.md/json in the run
+    directory (--ckpt's, or --out). Returns {"rows": [...]}."""
+    n_per = max(1, cfg.eval_samples // len(backend.prompts("eval")))
+    held = held_out(backend, n_per_prompt=n_per, seed=10_000 + cfg.seed)  # the same set training evaluates on
+    models = {"base": {k: v.clone() for k, v in net.state_dict().items()}}
+    if cfg.ckpt:
+        models["otca"] = load_checkpoint(cfg.ckpt, map_location=device)["state"]["net"]
+    rows = []
+    for name, weights in models.items():
+        net.load_state_dict(weights)
+        for K in cfg.eval_nfe:
+            sig = backend.sigmas(K, shift=cfg.shift).to(device)
+            rows.append({"model": name, "nfe": K,
+                         **evaluate(backend, net, reward, held, sig, cfg.micro_batch, cfg.precision, device)})
+    out = cfg.out or (cfg.ckpt if os.path.isdir(cfg.ckpt) else os.path.dirname(cfg.ckpt)) or "runs/otca-eval"
+    if dist.is_main():
+        write_table(rows, out, "eval", header=f"otca.py --eval-only --ckpt {cfg.ckpt or '(none)'}")
+        print(markdown_table(rows))
+    return {"rows": rows}
+
+
 def main(cfg: Config) -> dict:
     rank, world, device = dist.init_distributed(cfg.device)
     seed_everything(cfg.seed + rank)
@@ -217,6 +243,8 @@ def main(cfg: Config) -> dict:
     if cfg.beta_kl > 0 and type(backend).reference is Backend.reference:
         backend.keep_reference(net)  # full fine-tuning: freeze a copy of the base policy as the reference
     opt_ = make_optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.eval_only:
+        return eval_only(cfg, backend, net, reward, device)
     run = Run(cfg, "otca", device=device, show=["reward", "clip_frac", "loss"])
     train_prompts = load_prompts(cfg.prompts) if cfg.prompts not in ("", "builtin") else backend.prompts("train")
     eval_prompts = backend.prompts("eval")

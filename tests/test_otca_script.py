@@ -42,6 +42,13 @@ def test_toy_two_steps_debug_ratio_is_one(tmp_path):
     # first step, first minibatch: on-policy, so every ratio is exactly 1 wherever a sample trained the step
     assert r["ratio_first_dev"] == 0.0
     assert abs(sum(r["obj_weights"]) - 1) < 1e-5
+    # --eval-only on the finished run: base and trained model at two step counts, eval.md/json written
+    run_dir = str(tmp_path / "run")
+    ev = otca.main(parse_config(otca.Config, argv=["--eval-only", "--ckpt", run_dir, "--eval-nfe", "2,6",
+                                                   "--eval-samples", "32", "--device", "cpu"],
+                                presets=otca.PRESETS, checks=[otca.checks]))
+    assert [(r["model"], r["nfe"]) for r in ev["rows"]] == [("base", 2), ("base", 6), ("otca", 2), ("otca", 6)]
+    assert os.path.isfile(os.path.join(run_dir, "eval.md"))
 
 
 def test_toy_variants_run_and_uniform_ratio(tmp_path):
