@@ -1,0 +1,261 @@
+"""Seconds and peak memory of one RATS step and one GRPO (otca.py) step on the full-size FLUX.1 transformer.
+
+The transformer is built with random weights directly in bf16 (benchmarks/flux_lora_step.py: build, FLUX1_DEV; no
+download), with the LoRA adapter and gradient checkpointing of FluxBackend, at 512 x 512 px (1,024 packed image
+tokens, 512 random T5 tokens: text encoding is outside the step, as in the scripts where prompts are encoded once).
+The steps run the project's own maths (common.flow.rollout / transition_logprob, common.shaping, common.rl):
+
+  rats:  N teacher Euler steps under no_grad (the EMA teacher) + K student Euler steps with the graph kept through
+         the whole rollout + the matched-horizon shaping loss + a differentiable reward stand-in on the final latent
+         + backward + AdamW + the EMA update of the teacher. Teacher: --teacher-copy full (a deep copy of the
+         transformer, what rats.py does through Backend.frozen_copy: +23.8 GB of bf16 weights) or adapter (a second
+         LoRA adapter on the shared frozen base, swapped in for the teacher rollout).
+  grpo:  G samples per prompt in chunks of --micro-batch: the K-step SDE rollout (dance, eta 0.3) under no_grad with
+         stored log-probabilities, then for every trained step and chunk the log-probability recomputed with
+         gradients, the clipped surrogate, backward (one step's graph alive at a time), one AdamW step: otca.py's loop
+         (TCD/MOCA weights cost nothing next to the network).
+Not included (both methods): the VAE decode and the reward model (HPS ViT-H-14: about 2 GB of weights and one
+forward/backward per sample) and the text encoders. So these are lower bounds of the scripts' step on FLUX.
+
+The papers' table (RATS, arXiv 2604.14910, per step on FLUX): RATS 7.57 s / 67.67 GB, SenseFlow 7.31 s / 78.87 GB,
+DanceGRPO 212.71 s / 34.05 GB.
+
+GPU:   python benchmarks/flux_method_step.py --method rats        (K 3, N 50)
+       python benchmarks/flux_method_step.py --method grpo        (K 16, G 12, micro-batch 4, train fraction 0.6)
+CPU smoke run:  python benchmarks/flux_method_step.py --method rats --tiny --device cpu
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+PAPER_TABLE = {"RATS": (7.57, 67.67), "SenseFlow": (7.31, 78.87), "DanceGRPO": (212.71, 34.05)}
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--method", required=True, choices=["rats", "grpo"])
+    p.add_argument("--tiny", action="store_true", help="the tiny random FLUX config (CPU smoke run)")
+    p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    p.add_argument("--height", type=int, default=None, help="pixels (default 512; 32 with --tiny)")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--text-len", type=int, default=None, help="T5 tokens (default 512; 16 with --tiny)")
+    p.add_argument("--lora-rank", type=int, default=32)
+    p.add_argument("--no-checkpointing", action="store_true", help="disable gradient checkpointing")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--nfe", type=int, default=None, help="student / rollout steps K (rats 3, grpo 16)")
+    p.add_argument("--teacher-nfe", type=int, default=50, help="rats: teacher steps N")
+    p.add_argument("--batch", type=int, default=1, help="rats: samples per step")
+    p.add_argument("--teacher-copy", default="full", choices=["full", "adapter"], help="rats: EMA teacher storage")
+    p.add_argument("--group-size", type=int, default=12, help="grpo: G")
+    p.add_argument("--micro-batch", type=int, default=4, help="grpo: samples per forward")
+    p.add_argument("--train-fraction", type=float, default=0.6, help="grpo: fraction of the K-1 steps trained")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=2, help="timed steps")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None, help="also write the JSON result here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    a = parse(argv)
+    from benchmarks.flux_lora_step import FLUX1_DEV, VAE_FACTOR, build
+    from common.backends.flux import FluxBackend, image_ids
+    from common.backends.tiny import FLUX_TRANSFORMER
+    from common.flow import flux_mu, make_sigmas, rollout, transition_logprob
+    from common.rl import clipped_surrogate
+    from common.shaping import match_horizons, shaping_loss
+    K = a.nfe or (3 if a.method == "rats" else 16)
+    if min(a.steps, a.batch, a.group_size, a.micro_batch, K, a.teacher_nfe) < 1 or not 0 < a.train_fraction <= 1:
+        print("error: counts must be >= 1 and --train-fraction in (0, 1]", file=sys.stderr)
+        sys.exit(2)
+    if a.method == "grpo" and K < 2:
+        print("error: --nfe must be >= 2 for grpo (the last step is never trained)", file=sys.stderr)
+        sys.exit(2)
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
+        sys.exit(2)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    cfg = FLUX_TRANSFORMER if a.tiny else FLUX1_DEV
+    H, W = a.height or (32 if a.tiny else 512), a.width or (32 if a.tiny else 512)
+    L = a.text_len or (16 if a.tiny else 512)
+    vf = 2 if a.tiny else VAE_FACTOR
+    if H % (2 * vf) or W % (2 * vf):
+        print(f"error: height and width must be multiples of {2 * vf}", file=sys.stderr)
+        sys.exit(2)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+
+    t_build = time.perf_counter()
+    net = build(cfg, device, dtype)
+    n_params = sum(p.numel() for p in net.parameters())
+    net.requires_grad_(False)
+    from peft import LoraConfig
+    lcfg = dict(r=a.lora_rank, lora_alpha=a.lora_rank, init_lora_weights="gaussian",
+                target_modules=list(FluxBackend.lora_targets))
+    net.add_adapter(LoraConfig(**lcfg), adapter_name="default")
+    if a.method == "rats" and a.teacher_copy == "adapter":
+        net.add_adapter(LoraConfig(**lcfg), adapter_name="ema")
+        net.set_adapter("default")
+    lora = [p for n, p in net.named_parameters() if "lora_" in n and ".default." in n]
+    for p in [p for n, p in net.named_parameters() if "lora_" in n]:   # float32 adapters on a bf16 base
+        p.data = p.data.float()
+    for p in lora:
+        p.requires_grad_(True)
+    if not a.no_checkpointing:
+        net.enable_gradient_checkpointing()
+    net.train()
+    opt = torch.optim.AdamW(lora, lr=1e-4)
+    teacher, ema_pairs = None, []
+    if a.method == "rats":
+        if a.teacher_copy == "full":
+            teacher = copy.deepcopy(net).requires_grad_(False).eval()
+            t_params = dict(teacher.named_parameters())
+            ema_pairs = [(t_params[n], p) for n, p in net.named_parameters() if p.requires_grad]
+        else:
+            named = dict(net.named_parameters())
+            ema_pairs = [(named[n.replace(".default.", ".ema.")], p) for n, p in named.items() if p.requires_grad]
+            with torch.no_grad():      # the EMA starts from the student's weights
+                for t_p, s_p in ema_pairs:
+                    t_p.copy_(s_p)
+    t_build = time.perf_counter() - t_build
+
+    h2, w2 = H // vf // 2, W // vf // 2
+    N_tok, D = h2 * w2, cfg["in_channels"]
+    g = torch.Generator(device="cpu").manual_seed(1)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
+    ids, txt_ids = image_ids(h2, w2, device), torch.zeros(L, 3, device=device)
+    txt1, pooled1 = rnd(1, L, cfg["joint_attention_dim"]).to(dtype), rnd(1, cfg["pooled_projection_dim"]).to(dtype)
+    reward_dir = rnd(1, N_tok, D) / (N_tok * D) ** 0.5   # the reward stand-in: a fixed linear functional
+
+    def velocity_fn(model):
+        def v(x, s):
+            B = x.shape[0]
+            return model(hidden_states=x.to(dtype), encoder_hidden_states=txt1.expand(B, -1, -1),
+                         pooled_projections=pooled1.expand(B, -1), timestep=s.to(dtype), img_ids=ids,
+                         txt_ids=txt_ids, guidance=torch.full((B,), 3.5, device=device), return_dict=False)[0]
+        return v
+
+    mu = flux_mu(N_tok)
+    sig_S = make_sigmas(K, mu=mu).to(device)
+    nfe = {"student_grad": 0, "teacher_nograd": 0, "rollout_nograd": 0, "recompute_grad": 0}
+
+    def rats_step():
+        sig_T = make_sigmas(a.teacher_nfe, mu=mu).to(device)
+        index = match_horizons(sig_T, sig_S)[:K].clamp(max=a.teacher_nfe - 1).to(device)
+        eps = rnd(a.batch, N_tok, D)
+        with torch.no_grad():
+            if teacher is not None:
+                traj_T = rollout(velocity_fn(teacher), eps, sig_T)
+            else:
+                net.set_adapter("ema")
+                traj_T = rollout(velocity_fn(net), eps, sig_T)
+                net.set_adapter("default")
+                for p in lora:         # set_adapter marks only the active adapter trainable: restore
+                    p.requires_grad_(True)
+        traj_S = rollout(velocity_fn(net), eps, sig_S, grad="all")
+        l_shape, _ = shaping_loss(traj_S.x0, traj_T.x0, index)
+        r_S = (traj_S.final * reward_dir).flatten(1).sum(1)
+        loss = (-r_S + 0.5 * l_shape).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for t_p, s_p in ema_pairs:
+                t_p.lerp_(s_p.to(t_p.dtype), 1 - 0.995)
+        nfe["student_grad"] += K
+        nfe["teacher_nograd"] += a.teacher_nfe
+        return float(loss.detach())
+
+    def grpo_step():
+        G, mb = a.group_size, min(a.micro_batch, a.group_size)
+        chunks = [slice(i, min(i + mb, G)) for i in range(0, G, mb)]
+        z0 = rnd(G, N_tok, D)
+        with torch.no_grad():
+            trajs = [rollout(velocity_fn(net), z0[sl], sig_S, kind="dance", noise_level=0.3) for sl in chunks]
+        nfe["rollout_nograd"] += K * len(chunks)
+        states = torch.cat([t.states for t in trajs])
+        logp_old = torch.cat([t.logprobs for t in trajs])
+        r = (states[:, -1] * reward_dir).flatten(1).sum(1)
+        adv = ((r - r.mean()) / (r.std() + 1e-6)).clamp(-5, 5)
+        n_tr = max(1, int(round(a.train_fraction * (K - 1))))
+        trained = torch.zeros(G, K, dtype=torch.bool)
+        trained.scatter_(1, torch.rand(G, K - 1, generator=g).argsort(1)[:, :n_tr], True)
+        trained = trained.to(device)
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for t in range(K - 1):
+            for sl in chunks:
+                m = trained[sl, t]
+                if not bool(m.any()):
+                    continue
+                lp, _, _ = transition_logprob(velocity_fn(net), states[sl, t], states[sl, t + 1], sig_S[t],
+                                              sig_S[t + 1], "dance", 0.3, sigma_max=float(sig_S[1]))
+                loss_i, _ = clipped_surrogate(lp, logp_old[sl, t], adv[sl], 1e-4)
+                loss = (m * loss_i).sum() / (G * n_tr)
+                loss.backward()
+                total += float(loss.detach())
+                nfe["recompute_grad"] += 1
+        opt.step()
+        return total
+
+    step = rats_step if a.method == "rats" else grpo_step
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(a.warmup):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for k in nfe:
+        nfe[k] = 0
+    times = []
+    for _ in range(a.steps):
+        t0 = time.perf_counter()
+        loss = step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    res = dict(benchmark=f"flux1_{a.method}_step", tiny=a.tiny, device=str(device),
+               device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               dtype=str(dtype).removeprefix("torch."), height=H, width=W, image_tokens=N_tok, text_tokens=L,
+               nfe=K, lora_rank=a.lora_rank, gradient_checkpointing=not a.no_checkpointing, params=n_params,
+               lora_params=sum(p.numel() for p in lora), build_s=round(t_build, 2),
+               step_s_median=round(sorted(times)[len(times) // 2], 4), step_s_all=[round(t, 4) for t in times],
+               calls_per_step={k: v / a.steps for k, v in nfe.items() if v}, loss=round(loss, 6),
+               paper_table=PAPER_TABLE, excluded="VAE decode, reward model, text encoders", torch=torch.__version__)
+    if a.method == "rats":
+        res.update(teacher_nfe=a.teacher_nfe, batch=a.batch, teacher_copy=a.teacher_copy)
+    else:
+        res.update(group_size=a.group_size, micro_batch=a.micro_batch, train_fraction=a.train_fraction)
+    if device.type == "cuda":
+        res["peak_allocated_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        res["peak_reserved_GiB"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
+    else:
+        res["peak_rss_GiB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+    line = json.dumps(res)
+    print(line)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(line + "\n")
+    return res
+
+
+if __name__ == "__main__":
+    main()

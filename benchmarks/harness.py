@@ -1,0 +1,479 @@
+"""Instrumented runs of rats.py / otca.py / rtdmd.py: time, network evaluations and memory per training step.
+
+One measurement = one call of a script's main(cfg) with the config its own parser builds from `argv`, while:
+  * common.backend.get_backend is wrapped (in common.backend and in the script's namespace) so that the backend
+    object is captured, its velocity() is wrapped per instance (every network call recorded: role, grad mode,
+    batch size, inputs) and a forward hook is put on its network (and the toy's exact teacher) so that network
+    forwards that do not go through velocity() would show up as a mismatch (`unaccounted_forwards`);
+  * common.runs.Run.log is wrapped to mark the step boundaries (every script calls run.log once per training step);
+  * the script's evaluation functions are wrapped so that their network calls and their time are set apart
+    (an evaluation inside a step, e.g. --eval-every or RTDMD's periodic toy KL, is not training cost).
+
+Definitions (also in benchmarks/README.md):
+  step time       metrics.jsonl's step_time (time between consecutive run.log calls) minus the time spent inside
+                  the wrapped evaluation functions during that step; the first step (which also pays for the
+                  initial evaluation and lazy initialisation) is excluded from the medians.
+  NFE per step    network calls per (role, with_grad) between two run.log calls, evaluation excluded. A "call" is one
+                  velocity() call on a batch; "sample evaluations" weight each call by its batch size.
+  roles           the network's nfe_role attribute when the script sets one (RATS: student/teacher); otherwise the
+                  backend's base network is "student" (the trained generator), a network with trainable parameters is
+                  "fake" (RTDMD's fake score) and a frozen one is "teacher".
+  overhead ratio  step time / replay time, where the replay re-issues the same step's recorded network calls (same
+                  networks, inputs, sigmas, conditions, grad mode; inputs requiring grad where they did) back to back
+                  and runs one backward (cotangent ones) for each call made with gradients; median of `replays` repeats.
+                  It is what the loop around the network costs: rollout arithmetic, rewards, losses, optimizer, EMA,
+                  logging. A ratio near 1 means the step is all network.
+  peak memory     peak resident set size of the process (ru_maxrss) on CPU, CUDA max_memory_allocated on a GPU, read
+                  from metrics.jsonl; meaningful per case only when each case runs in its own process (the CLI does).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import importlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+METHODS = ("rats", "otca", "rtdmd")
+# Functions of each script whose network calls and time are evaluation, not training.
+EVAL_FUNCTIONS = {"rats": ("evaluate", "point_metrics", "final_eval"), "otca": ("evaluate",),
+                  "rtdmd": ("toy_eval",)}
+
+
+@dataclass
+class Call:
+    """One recorded velocity() call. x, sigma: detached CPU-side copies kept only for the replay."""
+    role: str
+    grad: bool
+    batch: int
+    step: int                 # index of the training step it belongs to (1-based), 0 = before step 1
+    eval: bool
+    net: Any = None
+    x: torch.Tensor | None = None
+    x_requires_grad: bool = False
+    sigma: Any = None
+    cond: Any = None
+    guidance: Any = None
+
+
+@dataclass
+class Recorder:
+    backend: Any = None
+    calls: list[Call] = field(default_factory=list)
+    step: int = 0
+    eval_depth: int = 0
+    eval_time: collections.Counter = field(default_factory=collections.Counter)   # step -> seconds in eval
+    forwards: collections.Counter = field(default_factory=collections.Counter)    # step -> network forwards
+    forwards_eval: collections.Counter = field(default_factory=collections.Counter)
+    keep_inputs: bool = True
+    backend_options: dict = field(default_factory=dict)
+    decode_time: collections.Counter = field(default_factory=collections.Counter)  # step -> s in decode (training)
+    reward_time: collections.Counter = field(default_factory=collections.Counter)  # step -> s in reward forwards
+
+    def role(self, net) -> str:
+        explicit = getattr(net, "nfe_role", None)
+        b = self.backend
+        if explicit is not None and net is not getattr(b, "network", None):
+            return str(explicit)
+        if net is getattr(b, "network", None):
+            return str(explicit or "student")
+        if net is getattr(b, "reference_net", None):
+            return "reference"
+        if any(p.requires_grad for p in net.parameters()):
+            return "fake"
+        return "teacher"
+
+
+def _clone(v):
+    if isinstance(v, torch.Tensor):
+        return v.detach().clone()
+    return v
+
+
+def _instrument_backend(backend, rec: Recorder) -> None:
+    """Wrap this backend instance's velocity() (the class one, already NFE-counted, stays underneath) and hook the
+    forward of its networks."""
+    rec.backend = backend
+    inner = type(backend).velocity   # the counted class method: backend.nfe keeps working
+
+    def velocity(self, net, x, sigma, cond=None, guidance=None, *args, **kwargs):
+        grad = torch.is_grad_enabled()
+        c = Call(role=rec.role(net), grad=grad, batch=int(x.shape[0]), step=rec.step + 1, eval=rec.eval_depth > 0)
+        if rec.keep_inputs and not c.eval:
+            c.net, c.x, c.x_requires_grad = net, _clone(x), bool(x.requires_grad and grad)
+            c.sigma, c.cond, c.guidance = _clone(sigma), cond, guidance
+        rec.calls.append(c)
+        return inner(self, net, x, sigma, cond, guidance, *args, **kwargs)
+
+    backend.velocity = types.MethodType(velocity, backend)
+    inner_decode = backend.decode   # bound; decode's backward (reward gradients) stays inside the step's backward
+
+    def decode(x, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return inner_decode(x, *args, **kwargs)
+        finally:
+            if rec.eval_depth == 0:
+                rec.decode_time[rec.step + 1] += time.perf_counter() - t0
+
+    backend.decode = decode
+
+    def hook(module, inputs, output):
+        (rec.forwards_eval if rec.eval_depth > 0 else rec.forwards)[rec.step + 1] += 1
+
+    seen = set()
+    for net in (getattr(backend, "network", None), getattr(backend, "teacher_net", None),
+                getattr(backend, "exact", None)):
+        if isinstance(net, torch.nn.Module) and id(net) not in seen:
+            seen.add(id(net))
+            # deepcopies of the network (EMA teacher, fake score) inherit the hook: every forward is counted
+            net.register_forward_hook(hook)
+
+
+def _time_module(reward, rec: Recorder) -> None:
+    """Time every training-time reward evaluation per step: the instance's score() is wrapped (Reward.__call__
+    calls self.score; the forward only, its backward is part of the step's backward)."""
+    inner = getattr(reward, "score", None)
+    if inner is None:
+        return
+
+    def score(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return inner(*a, **k)
+        finally:
+            if rec.eval_depth == 0:
+                rec.reward_time[rec.step + 1] += time.perf_counter() - t0
+
+    reward.score = score
+
+
+@contextlib.contextmanager
+def instrumented(method: str, rec: Recorder):
+    """Patch get_backend, Run.log and the script's evaluation functions for the duration of the block."""
+    import common.backend as cb
+    import common.runs as cr
+    mod = importlib.import_module(method)
+    saved = []
+
+    def patch(obj, name, value):
+        saved.append((obj, name, getattr(obj, name)))
+        setattr(obj, name, value)
+
+    orig_get = cb.get_backend
+
+    def get_backend(name, **options):
+        options.update(rec.backend_options)
+        b = orig_get(name, **options)
+        _instrument_backend(b, rec)
+        return b
+
+    patch(cb, "get_backend", get_backend)
+    import common.rewards as crw
+    orig_build = crw.build_reward
+
+    def build_reward(*a, **k):
+        reward = orig_build(*a, **k)
+        _time_module(reward, rec)
+        return reward
+
+    patch(crw, "build_reward", build_reward)
+    if hasattr(mod, "build_reward"):
+        patch(mod, "build_reward", build_reward)
+    if hasattr(mod, "get_backend"):
+        patch(mod, "get_backend", get_backend)
+    orig_log = cr.Run.log
+
+    def log(self, step, **metrics):
+        out = orig_log(self, step, **metrics)
+        rec.step += 1
+        return out
+
+    patch(cr.Run, "log", log)
+    for fname in EVAL_FUNCTIONS[method]:
+        fn = getattr(mod, fname)
+
+        def wrapped(*a, __fn=fn, **k):
+            rec.eval_depth += 1
+            t0 = time.perf_counter()
+            try:
+                return __fn(*a, **k)
+            finally:
+                rec.eval_depth -= 1
+                if rec.eval_depth == 0:
+                    rec.eval_time[rec.step + 1] += time.perf_counter() - t0
+        patch(mod, fname, wrapped)
+    try:
+        yield mod
+    finally:
+        for obj, name, value in reversed(saved):
+            setattr(obj, name, value)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Expected network calls per step (the formulas the README states; checked against the counts)
+# ------------------------------------------------------------------------------------------------------------
+def expected_calls(method: str, cfg, row: dict, chunks: int = 1) -> collections.Counter:
+    """{(role, with_grad): calls} that the method's algorithm needs for the training step logged as `row`.
+
+    RATS:  per micro-batch K student calls with grad (the first K - k without with --reward-grad-steps k) and N
+           teacher calls without; x grad_accum.
+    OTCA:  K rollout calls per forward chunk without grad; (K - 1) recomputations with grad per chunk and inner epoch
+           (train_fraction 1: every non-final step; fewer chunks may skip a step when < 1: not predicted here).
+    RTDMD: stage 1: k_fake generator calls without grad (random stop), 1 fake call with grad (+2 with --gamma > 0:
+           the two-sample consistency hop, one call per sample); on a generator turn also k_gen - 1 generator calls without grad, 1 with grad, 1
+           teacher and 1 fake call without grad. Stage 2: K generator calls without grad (rollout), fake_updates2 x
+           (1 + 2 [gamma > 0]) fake calls with grad, |S| + 1 generator calls with grad (the trained SubGRPO steps and
+           the deterministic last step), 1 teacher and 1 fake call without grad.
+    """
+    e = collections.Counter()
+    if method == "rats":
+        K, N, A = cfg.nfe, cfg.teacher_nfe, cfg.grad_accum
+        kg = cfg.reward_grad_steps or K
+        e[("student", True)] += A * kg
+        if K - kg:
+            e[("student", False)] += A * (K - kg)
+        e[("teacher", False)] += A * N
+    elif method == "otca":
+        K = cfg.nfe
+        e[("student", False)] += chunks * K
+        e[("student", True)] += cfg.inner_epochs * chunks * (K - 1)
+        if cfg.beta_kl > 0:
+            e[("reference", False)] += cfg.inner_epochs * chunks * (K - 1)
+    elif method == "rtdmd":
+        cons = 2 if cfg.gamma > 0 else 0   # common.dmd.consistency_loss: two samples, one call each
+        if row.get("stage") == 1:
+            e[("student", False)] += int(row["k_fake"])
+            e[("fake", True)] += 1 + cons
+            if "k_gen" in row:
+                e[("student", False)] += int(row["k_gen"]) - 1
+                e[("student", True)] += 1
+                e[("teacher", False)] += 1
+                e[("fake", False)] += 1
+        else:
+            K = len(cfg.timesteps)
+            e[("student", False)] += K
+            e[("fake", True)] += cfg.fake_updates2 * (1 + cons)
+            e[("student", True)] += cfg.sub_steps + (K if cfg.dmd_through == "all" else 1)
+            e[("teacher", False)] += 1
+            e[("fake", False)] += 1
+    return collections.Counter({k: v for k, v in e.items() if v})
+
+
+def samples_per_step(method: str, cfg, row: dict) -> int:
+    """Training samples generated per step: RATS B x grad_accum (student samples; the teacher's are paired with
+    them), OTCA G x prompts_per_step, RTDMD stage 1 the batch (twice on a generator turn), stage 2 groups x G."""
+    if method == "rats":
+        return cfg.batch_size * cfg.grad_accum
+    if method == "otca":
+        return cfg.group_size * cfg.prompts_per_step
+    if row.get("stage") == 1:
+        return cfg.batch * (2 if "k_gen" in row else 1)
+    return cfg.groups * cfg.group_size
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Replay: the same network calls alone
+# ------------------------------------------------------------------------------------------------------------
+def replay_seconds(backend, calls: list[Call]) -> float:
+    """Time to re-issue `calls` (one training step's network calls) back to back, with one backward per grad call.
+
+    The class velocity() is used directly (the instance wrapper would record again); gradients that the replay
+    accumulates in the parameters are cleared afterwards (outside the timed region)."""
+    velocity = type(backend).velocity
+    nets = {id(c.net): c.net for c in calls}
+    t0 = time.perf_counter()
+    for c in calls:
+        with torch.set_grad_enabled(c.grad):
+            x = c.x.clone()
+            if c.x_requires_grad:
+                x.requires_grad_(True)
+            v = velocity(backend, c.net, x, c.sigma, c.cond, c.guidance)
+            if c.grad and v.requires_grad:
+                v.backward(torch.ones_like(v))
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    for net in nets.values():
+        for p in net.parameters():
+            p.grad = None
+    return dt
+
+
+# ------------------------------------------------------------------------------------------------------------
+# One measurement
+# ------------------------------------------------------------------------------------------------------------
+def _phase(method: str, row: dict) -> str:
+    return f"stage{row['stage']}" if method == "rtdmd" and "stage" in row else "train"
+
+
+def measure(method: str, argv: list[str], backend_options: dict | None = None, replays: int = 3,
+            replay_steps: int = 3, threads: int = 1, out: str | None = None) -> dict:
+    """Run `method`'s main on `argv` (its own flags; --out is set to a temporary directory unless `out`) under the
+    instruments, and return one record per phase (RTDMD: stage1 / stage2; the others: train):
+
+    {method, argv, phase, steps, step_time_s (median over steps 2..), step_times_s, nfe_calls {role/grad: calls per
+    step, mean}, nfe_samples {role/grad: sample evaluations per step, mean}, nfe_expected (same keys, mean of the
+    formula), nfe_match (every step's counts equal the formula), unaccounted_forwards, eval_calls,
+    samples_per_s, peak_mem_mb, rss_before_mb, replay_s, overhead_ratio, wall_s}."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    from common.config import parse_config
+    from common.runs import peak_memory_mb
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(threads)
+    rec = Recorder()
+    rec.backend_options = dict(backend_options or {})
+    tmp = None
+    if out is None:
+        tmp = tempfile.TemporaryDirectory(prefix=f"bench-{method}-")
+        out = tmp.name
+    rss0 = peak_memory_mb()
+    saved_threads = os.environ.get("RATS_THREADS")
+    os.environ["RATS_THREADS"] = str(threads)
+    grad_state = torch.is_grad_enabled()
+    try:
+        with instrumented(method, rec) as mod:
+            cfg = parse_config(mod.Config, argv=[*argv, "--out", os.path.join(out, "run")], presets=mod.PRESETS,
+                               checks=[getattr(mod, "checks")] if hasattr(mod, "checks") else ())
+            t0 = time.perf_counter()
+            mod.main(cfg)
+            wall = time.perf_counter() - t0
+            with open(os.path.join(out, "run", "metrics.jsonl")) as fh:
+                rows = [json.loads(ln) for ln in fh if ln.strip()]
+            records = _summarise(method, argv, cfg, rows, rec, replays, replay_steps, wall, rss0)
+    finally:
+        torch.set_grad_enabled(grad_state)
+        if saved_threads is None:
+            os.environ.pop("RATS_THREADS", None)
+        else:
+            os.environ["RATS_THREADS"] = saved_threads
+        if tmp is not None:
+            tmp.cleanup()
+    for r in records:
+        r["peak_mem_mb_final"] = round(peak_memory_mb(), 1)
+    return records
+
+
+def _key(k) -> str:
+    return f"{k[0]}/{'grad' if k[1] else 'nograd'}"
+
+
+def _summarise(method, argv, cfg, rows, rec: Recorder, replays, replay_steps, wall, rss0) -> list[dict]:
+    by_step = collections.defaultdict(list)
+    for c in rec.calls:
+        by_step[c.step].append(c)
+    otca_chunks = 1
+    if method == "otca":
+        mb = cfg.micro_batch or cfg.group_size * cfg.prompts_per_step
+        per_mb = [len(g) * cfg.group_size for g in torch.arange(cfg.prompts_per_step).chunk(cfg.minibatches)]
+        otca_chunks = sum(-(-n // min(mb, n)) for n in per_mb)
+    phases = collections.OrderedDict()
+    for row in rows:
+        phases.setdefault(_phase(method, row), []).append(row)
+    out = []
+    for phase, prow in phases.items():
+        steps = [int(r["step"]) for r in prow]
+        calls_n, samples_n, expect_n = collections.Counter(), collections.Counter(), collections.Counter()
+        match, times, eval_calls, unacc = True, [], 0, 0
+        for r in prow:
+            s = int(r["step"])
+            train = [c for c in by_step.get(s, []) if not c.eval]
+            eval_calls += sum(1 for c in by_step.get(s, []) if c.eval)
+            got = collections.Counter((c.role, c.grad) for c in train)
+            exp = expected_calls(method, cfg, r, otca_chunks)
+            # train_fraction < 1 (OTCA) can skip a chunk's step when none of its rows trains it: not predicted
+            if method == "otca" and cfg.train_fraction < 1:
+                exp[("student", True)] = got[("student", True)]
+            match &= got == exp
+            for c in train:
+                calls_n[_key((c.role, c.grad))] += 1
+                samples_n[_key((c.role, c.grad))] += c.batch
+            for k, v in exp.items():
+                expect_n[_key(k)] += v
+            unacc += rec.forwards[s] - len(train)
+            times.append(float(r["step_time"]) - rec.eval_time.get(s, 0.0))
+        n = len(prow)
+        timed = times[1:] if n > 1 else times
+        t_step = statistics.median(timed)
+        # replay the last `replay_steps` steps of the phase (the warm ones), compare with the same steps' times
+        rep_steps = [int(r["step"]) for r in prow][-replay_steps:]
+        if phase == "train" or len(prow) < 2:
+            rep_steps = [s for s in rep_steps if s != steps[0]] or rep_steps
+        rep_total, step_total, dr_total = 0.0, 0.0, 0.0
+        backend = rec.backend
+        for s in rep_steps:
+            calls = [c for c in by_step.get(s, []) if not c.eval]
+            if not calls or calls[0].x is None:
+                continue
+            reps = [replay_seconds(backend, calls) for _ in range(max(1, replays))]
+            rep_total += statistics.median(reps)
+            step_total += times[steps.index(s)]
+            dr_total += rec.decode_time.get(s, 0.0) + rec.reward_time.get(s, 0.0)
+        spp = statistics.mean(samples_per_step(method, cfg, r) for r in prow)
+        out.append({
+            "method": method, "argv": " ".join(argv), "phase": phase, "steps": n,
+            "step_time_s": round(t_step, 5), "step_times_s": [round(t, 5) for t in times],
+            "nfe_calls": {k: round(v / n, 3) for k, v in sorted(calls_n.items())},
+            "nfe_samples": {k: round(v / n, 1) for k, v in sorted(samples_n.items())},
+            "nfe_expected": {k: round(v / n, 3) for k, v in sorted(expect_n.items())},
+            "nfe_match": bool(match), "unaccounted_forwards": int(unacc), "eval_calls": eval_calls,
+            "samples_per_step": spp, "samples_per_s": round(spp / t_step, 2) if t_step > 0 else None,
+            "peak_mem_mb": round(max(float(r["peak_mem_mb"]) for r in prow), 1), "rss_before_mb": round(rss0, 1),
+            "replay_s": round(rep_total / max(1, len(rep_steps)), 5),
+            "overhead_ratio": round(step_total / rep_total, 3) if rep_total > 0 else None,
+            # the decoder's and the reward models' forwards (their backward is not separable): how much of the
+            # overhead is other networks rather than the loop's own arithmetic
+            "decode_reward_fwd_s": round(dr_total / max(1, len(rep_steps)), 5),
+            "overhead_ratio_incl_decode_reward": (round(step_total / (rep_total + dr_total), 3)
+                                                  if rep_total > 0 else None),
+            "replayed_steps": rep_steps, "wall_s": round(wall, 2), "threads": torch.get_num_threads(),
+            "backend_options": rec.backend_options,
+        })
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Command line: one case per process (peak RSS is per process)
+# ------------------------------------------------------------------------------------------------------------
+def cli(argv=None) -> int:
+    p = argparse.ArgumentParser(description="one instrumented run: python -m benchmarks.harness METHOD --json F "
+                                            "[--backend-options JSON] -- SCRIPT FLAGS")
+    p.add_argument("method", choices=METHODS)
+    p.add_argument("--json", required=True, help="write the records (a JSON list) here")
+    p.add_argument("--backend-options", default="{}", help="extra get_backend options, e.g. '{\"height\": 64}'")
+    p.add_argument("--replays", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)   # everything after -- goes to the script untouched
+    a = p.parse_args(argv[:cut])
+    args = argv[cut + 1:]
+    try:
+        opts = json.loads(a.backend_options)
+    except json.JSONDecodeError as e:
+        print(f"error: --backend-options is not JSON: {e}", file=sys.stderr)
+        return 2
+    from common.config import user_errors
+    with user_errors():
+        records = measure(a.method, args, backend_options=opts, replays=a.replays, threads=a.threads)
+    with open(a.json, "w") as fh:
+        json.dump(records, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
