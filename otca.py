@@ -21,6 +21,7 @@ Baselines and ablations are flags (shared/spec/decisions.md, OTCA):
   --credit tcd     --objectives moca          OTCA (the default)
   --credit tcd_batch                          ablation: the batch-mean TCD profile (no action-dependent credit)
   --objectives sum                            DanceGRPO: the weighted sum of per-objective clipped losses
+  --objectives combined                       Flow-GRPO: one z-score of the weighted sum of the raw rewards
   --credit-source x0 | --credit-norm sum_one | --sde flow_grpo | --beta-kl 0.04 | --train-fraction 0.6
   --prior reward                              the --reward weights as the prior (default uniform)
 
@@ -57,7 +58,7 @@ from common.evaluate import held_out, markdown_table, sample_final, write_table
 from common.flow import rollout, sde_step, transition_logprob
 from common.prompts import load_prompts
 from common.rewards import build_reward
-from common.rl import clip_fraction, gaussian_kl_same_std
+from common.rl import clip_fraction, gaussian_kl_same_std, group_advantages
 from common.runs import Run, load_checkpoint
 from common.train import autocast, clip_grad, make_optimizer, seed_everything
 
@@ -89,8 +90,9 @@ class Config(RunConfig):
     credit_source: Literal["states", "x0"] = opt("states", "TCD progress of the states z_t or of the x0-predictions")
     credit_norm: Literal["mean_one", "sum_one"] = opt("mean_one", "credit normalisation per sample")
     eps_w: float = opt(1e-3, "TCD floor added to the truncated progress", min=0)
-    objectives: Literal["moca", "static", "sum"] = opt(
-        "moca", "moca (min-norm + prior) | static (prior-weighted sum, rho = 1) | sum (per-objective clipped losses)")
+    objectives: Literal["moca", "static", "sum", "combined"] = opt(
+        "moca", "moca (min-norm + prior) | static (prior-weighted sum of z-scores, rho = 1) | sum (per-objective "
+        "clipped losses, DanceGRPO) | combined (z-score of the --reward weighted sum of raw rewards, Flow-GRPO)")
     rho: float = opt(0.2, "MOCA mixing weight of the prior", min=0, max=1)
     prior: Literal["uniform", "reward"] = opt("uniform", "MOCA prior: uniform | the --reward weights")
     adv_clamp: float = opt(5.0, "clamp of the fused sample advantage", min=0)
@@ -298,6 +300,9 @@ def main(cfg: Config) -> dict:
                 fused_all, c_all = moca_fuse(a_all, valid_all, rho=cfg.rho, prior=prior, clamp=cfg.adv_clamp)
             else:  # static: the prior-weighted sum (rho = 1); sum: per-objective losses, weights lam
                 fused_all, c_all = moca_fuse(a_all, valid_all, rho=1.0, prior=prior, clamp=cfg.adv_clamp)
+            if cfg.objectives == "combined":  # one scalar reward, then one z-score: Flow-GRPO's multi-reward
+                fused_all = group_advantages(reward.combine(r_all), G, ddof=cfg.std_ddof, eps=1e-8,
+                                             clamp=cfg.adv_clamp)
             fused = dist.local_rows(fused_all, B)                                         # (B,)
             a_obj = dist.local_rows(a_all, B).clamp(-cfg.adv_clamp, cfg.adv_clamp)        # (B, M)
             trained = trained_mask(B, K, cfg.train_fraction, g_steps).to(device)          # (B, K)

@@ -30,7 +30,8 @@ VARIANTS = {  # name -> flags (on top of the backend's preset)
     "MOCA only": ["--credit", "uniform", "--objectives", "moca"],
     "OTCA (TCD + MOCA)": ["--credit", "tcd", "--objectives", "moca"],
 }
-ABLATIONS = {  # extra rows (toy only): which part of TCD does what
+ABLATIONS = {  # extra rows (toy only): which part of TCD does what, and Flow-GRPO's scalarisation
+    "GRPO on the combined raw reward (Flow-GRPO)": ["--credit", "uniform", "--objectives", "combined"],
     "TCD only, credit from x0-predictions": ["--credit", "tcd", "--objectives", "static", "--credit-source", "x0"],
     "TCD only, batch-mean profile": ["--credit", "tcd_batch", "--objectives", "static"],
     "OTCA, batch-mean profile": ["--credit", "tcd_batch", "--objectives", "moca"],

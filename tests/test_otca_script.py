@@ -61,7 +61,7 @@ def test_toy_variants_run_and_uniform_ratio(tmp_path):
                    "--credit-source", "x0", "--nfe", "4", "--prompts-per-step", "2", "--inner-epochs", "2")
     assert rows[1]["kl"] >= 0
     _, rows = _run(tmp_path / "c", "--steps", "1", "--eval-samples", "0", "--sde", "flow_grpo", "--credit-norm",
-                   "sum_one", "--nfe", "4", "--prompts-per-step", "2")
+                   "sum_one", "--nfe", "4", "--prompts-per-step", "2", "--objectives", "combined", "--same-noise")
     assert abs(sum(rows[0]["credit"]) - 1) < 0.5  # sum-one over all K steps (the last one is reported too)
 
 
