@@ -138,8 +138,10 @@ def plot(setting: str, rows: list[dict]) -> None:
                 else:
                     line, = ax.plot(step, [x["r_student"] for x in m], label=f"{r['variant']}: R_S")
                     ax.plot(step, [x["r_teacher"] for x in m], ls="--", color=line.get_color(), lw=0.8)
-                    ax.set_ylabel("reward (solid: student K steps, dashed: EMA teacher 50 steps)")
-            ax.set_title(f"{setting}, K = {K}")
+                    ax.set_ylabel("training reward")
+            ax.set_title(f"{setting}, K = {K}" + ("" if what == "gate" else
+                                                   "\nsolid: student R_S (K steps); dashed: EMA teacher R_T (50)"),
+                         fontsize=9)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
         axes[0][-1].legend(fontsize=7, loc="best")
@@ -156,6 +158,10 @@ if __name__ == "__main__":
         raise SystemExit(2)
     extra = sys.argv[2:]
     spec = SETTINGS[setting]
+    if "--plots-only" in extra:  # redraw the PNGs from the table's JSON (the run directories must still exist)
+        with open(os.path.join(HERE, f"rats_{setting}.json")) as fh:
+            plot(setting, json.load(fh)["rows"])
+        raise SystemExit(0)
     if "--quick" in extra:  # a check of this driver: one K, one seed, two variants, whatever else extra says
         extra.remove("--quick")
         spec["nfe"], spec["seeds"], variants = spec["nfe"][:1], spec["seeds"][:1], list(VARIANTS)[:2]
