@@ -1,0 +1,110 @@
+"""benchmarks/harness.py on the toy: the structure of its records and the network-evaluation counts per step against
+the methods' formulas (no timing assertions: the machine is shared)."""
+from __future__ import annotations
+
+import collections
+import json
+
+import pytest
+import torch
+
+from benchmarks.harness import cli, expected_calls, measure
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_globals():
+    threads, grad = torch.get_num_threads(), torch.is_grad_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.set_grad_enabled(grad)
+
+
+def _one(records, phase="train"):
+    (r,) = [r for r in records if r["phase"] == phase]
+    return r
+
+
+def _check_common(r, steps):
+    assert r["steps"] == steps and len(r["step_times_s"]) == steps
+    assert r["nfe_match"], (r["nfe_calls"], r["nfe_expected"])
+    assert r["unaccounted_forwards"] == 0          # every forward of the hooked networks went through velocity()
+    assert r["step_time_s"] > 0 and r["replay_s"] > 0 and r["overhead_ratio"] > 0
+    assert r["peak_mem_mb"] >= r["rss_before_mb"] > 0
+    assert r["samples_per_s"] == pytest.approx(r["samples_per_step"] / r["step_time_s"], rel=1e-2)
+
+
+def test_rats_counts_k_student_with_grad_and_n_teacher_without(tmp_path):
+    K, N, B = 3, 6, 16
+    r = _one(measure("rats", ["--steps", "3", "--nfe", str(K), "--teacher-nfe", str(N), "--batch-size", str(B),
+                              "--eval-size", "8", "--eval-batch", "8"], replays=1))
+    _check_common(r, 3)
+    # per step: K student calls with gradients, N teacher calls without, each on the whole batch
+    assert r["nfe_calls"] == {"student/grad": K, "teacher/nograd": N}
+    assert r["nfe_samples"] == {"student/grad": K * B, "teacher/nograd": N * B}
+    assert r["eval_calls"] > 0                      # the evaluations were seen, and kept out of the step counts
+
+
+def test_rats_truncated_reward_gradient_moves_calls_to_no_grad():
+    r = _one(measure("rats", ["--steps", "2", "--nfe", "3", "--teacher-nfe", "4", "--reward-grad-steps", "1",
+                              "--batch-size", "8", "--eval-size", "8", "--eval-batch", "8"], replays=1))
+    assert r["nfe_match"]
+    assert r["nfe_calls"] == {"student/grad": 1, "student/nograd": 2, "teacher/nograd": 4}
+
+
+def test_otca_counts_group_rollout_and_recomputation():
+    G, P, K = 4, 2, 5
+    r = _one(measure("otca", ["--steps", "2", "--nfe", str(K), "--group-size", str(G), "--prompts-per-step", str(P),
+                              "--eval-samples", "8"], replays=1))
+    _check_common(r, 2)
+    # G*P*K rollout sample evaluations without gradients; (K - 1) trained steps recomputed with gradients
+    assert r["nfe_samples"] == {"student/nograd": G * P * K, "student/grad": G * P * (K - 1)}
+    assert r["nfe_calls"] == {"student/nograd": K, "student/grad": K - 1}
+
+
+def test_rtdmd_counts_per_stage():
+    recs = measure("rtdmd", ["--steps", "4", "--fake-ratio", "2", "--epochs", "2", "--batch", "16", "--groups", "2",
+                             "--group-size", "4", "--fake-updates2", "1", "--dmd-through", "last", "--eval-samples", "100"],
+                   replays=1)
+    s1, s2 = _one(recs, "stage1"), _one(recs, "stage2")
+    _check_common(s1, 4)
+    _check_common(s2, 2)
+    # stage 1 (gamma > 0): the fake score's ambient call plus the two consistency samples, every iteration; the
+    # generator turn (every 2nd) adds one generator call with grad and one teacher and one fake call without
+    assert s1["nfe_calls"]["fake/grad"] == 3
+    assert s1["nfe_calls"]["student/grad"] == s1["nfe_calls"]["teacher/nograd"] == 0.5
+    # stage 2: K = 4 rollout calls, |S| = 2 SubGRPO steps + the last step with grad, one teacher/fake pair
+    assert s2["nfe_calls"] == {"fake/grad": 3, "fake/nograd": 1, "student/grad": 3, "student/nograd": 4,
+                               "teacher/nograd": 1}
+
+
+def test_rtdmd_dmd_through_all_reruns_the_chain_with_grad():
+    recs = measure("rtdmd", ["--steps", "2", "--fake-ratio", "2", "--epochs", "1", "--batch", "8", "--groups", "1",
+                             "--group-size", "4", "--gamma", "0", "--dmd-through", "all", "--eval-samples", "100"],
+                   replays=1)
+    s2 = _one(recs, "stage2")
+    assert s2["nfe_match"]
+    assert s2["nfe_calls"]["student/grad"] == 2 + 4    # |S| recomputed log-probs + the K-step chain in the graph
+
+
+def test_expected_calls_formula_independent_of_the_run():
+    cfg = type("C", (), dict(nfe=4, teacher_nfe=20, grad_accum=3, reward_grad_steps=0))()
+    assert expected_calls("rats", cfg, {}) == collections.Counter({("student", True): 12, ("teacher", False): 60})
+    cfg = type("C", (), dict(nfe=10, inner_epochs=2, beta_kl=0.04))()
+    assert expected_calls("otca", cfg, {}, chunks=3) == collections.Counter(
+        {("student", False): 30, ("student", True): 54, ("reference", False): 54})
+
+
+def test_cli_writes_json_and_rejects_bad_options(tmp_path, capsys):
+    assert cli(["rats", "--json", str(tmp_path / "x.json"), "--backend-options", "{bad"]) == 2
+    assert "not JSON" in capsys.readouterr().err
+    out = tmp_path / "r.json"
+    assert cli(["otca", "--json", str(out), "--replays", "1", "--", "--steps", "2", "--nfe", "3", "--group-size",
+                "2", "--prompts-per-step", "2", "--eval-samples", "4"]) == 0
+    (r,) = json.load(open(out))
+    assert r["method"] == "otca" and r["nfe_match"] and r["argv"].startswith("--steps 2")
+
+
+def test_suite_rejects_unknown_method(capsys):
+    from benchmarks.__main__ import main
+    assert main(["--only", "ratz", "--out", "unused"]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
