@@ -38,8 +38,8 @@ def method_flags(method: str, backend: str, quick: bool) -> list[str]:
         if backend == "toy2d":
             return ["--steps", str(n), "--eval-size", "64"]
         if backend == "dit":
-            return ["--teacher", "dit", "--tiny", "--steps", str(n // 2 + 1), "--batch-size", "4", "--teacher-nfe", "20",
-                    "--eval-size", "4", "--eval-batch", "4", "--device", "cpu"]
+            return ["--teacher", "dit", "--tiny", "--steps", str(n // 2 + 1), "--batch-size", "4",
+                    "--teacher-nfe", "20", "--eval-size", "4", "--eval-batch", "4", "--device", "cpu"]
         return ["--teacher", backend, "--tiny", "--steps", str(n // 2 + 1), "--reward", TINY_REWARD[method][backend],
                 "--nfe", "2", "--teacher-nfe", "8", "--batch-size", "1", "--grad-accum", "1", "--eval-size", "2",
                 "--eval-batch", "2", "--device", "cpu"]
@@ -117,19 +117,35 @@ def per_step_row(backend: str, r: dict) -> dict:
 
 
 def toy_targets(out: str) -> list[dict]:
-    """Each script's default toy run, timed end to end (a fresh process each; evaluation included)."""
+    """Each script's default toy run, timed end to end (a fresh process each; evaluation included): wall time, and
+    the child's CPU time (user + sys), which is what the wall time would be on an idle core. A script over its target
+    is run again with OMP_NUM_THREADS=1, to tell intra-op thread contention from its own cost."""
+    import resource
     rows = []
     limits = {"rats": 60, "otca": 60, "rtdmd": 120}
-    for m, limit in limits.items():
+
+    def timed(m: str, env: dict, tag: str) -> dict:
         load = os.getloadavg()[0]
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
-        p = subprocess.run([sys.executable, f"{m}.py", "--out", os.path.join(out, f"target-{m}")], cwd=ROOT,
-                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=1800)
+        p = subprocess.run([sys.executable, f"{m}.py", "--out", os.path.join(out, f"target-{m}{tag}")], cwd=ROOT,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, capture_output=True, text=True,
+                           timeout=1800)
         dt = time.perf_counter() - t0
-        rows.append({"script": f"python {m}.py", "wall_s": round(dt, 1), "target_s": limit,
-                     "within": dt <= limit, "rc": p.returncode, "load_avg_before": round(load, 1),
-                     "load_avg_after": round(os.getloadavg()[0], 1)})
-        print(f"  target {m}: {dt:.1f} s (target {limit} s, load {load:.1f})", flush=True)
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+        row = {"script": f"{' '.join(f'{k}={v}' for k, v in env.items())} python {m}.py".strip(),
+               "wall_s": round(dt, 1), "cpu_s": round(cpu, 1), "target_s": limits[m], "within": dt <= limits[m],
+               "rc": p.returncode, "load_avg_before": round(load, 1), "load_avg_after": round(os.getloadavg()[0], 1)}
+        print(f"  target {row['script']}: {dt:.1f} s wall, {cpu:.1f} s CPU (target {limits[m]} s, load {load:.1f})",
+              flush=True)
+        return row
+
+    for m in limits:
+        row = timed(m, {}, "")
+        rows.append(row)
+        if not row["within"]:
+            rows.append(timed(m, {"OMP_NUM_THREADS": "1"}, "-omp1"))
     return rows
 
 

@@ -235,10 +235,11 @@ def expected_calls(method: str, cfg, row: dict, chunks: int = 1) -> collections.
     OTCA:  K rollout calls per forward chunk without grad; (K - 1) recomputations with grad per chunk and inner epoch
            (train_fraction 1: every non-final step; fewer chunks may skip a step when < 1: not predicted here).
     RTDMD: stage 1: k_fake generator calls without grad (random stop), 1 fake call with grad (+2 with --gamma > 0:
-           the two-sample consistency hop, one call per sample); on a generator turn also k_gen - 1 generator calls without grad, 1 with grad, 1
-           teacher and 1 fake call without grad. Stage 2: K generator calls without grad (rollout), fake_updates2 x
-           (1 + 2 [gamma > 0]) fake calls with grad, |S| + 1 generator calls with grad (the trained SubGRPO steps and
-           the deterministic last step), 1 teacher and 1 fake call without grad.
+           the two-sample consistency hop, one call per sample); on a generator turn also k_gen - 1 generator calls
+           without grad, 1 with grad, 1 teacher and 1 fake call without grad. Stage 2: K generator calls without grad
+           (rollout), fake_updates2 x (1 + 2 [gamma > 0]) fake calls with grad, |S| + 1 generator calls with grad (the
+           trained SubGRPO steps and the deterministic last step; |S| + K with --dmd-through all, which re-runs the
+           whole chain in the graph), 1 teacher and 1 fake call without grad.
     """
     e = collections.Counter()
     if method == "rats":
@@ -349,7 +350,7 @@ def measure(method: str, argv: list[str], backend_options: dict | None = None, r
     try:
         with instrumented(method, rec) as mod:
             cfg = parse_config(mod.Config, argv=[*argv, "--out", os.path.join(out, "run")], presets=mod.PRESETS,
-                               checks=[getattr(mod, "checks")] if hasattr(mod, "checks") else ())
+                               checks=[mod.checks] if hasattr(mod, "checks") else ())
             t0 = time.perf_counter()
             mod.main(cfg)
             wall = time.perf_counter() - t0

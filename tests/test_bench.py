@@ -63,7 +63,8 @@ def test_otca_counts_group_rollout_and_recomputation():
 
 def test_rtdmd_counts_per_stage():
     recs = measure("rtdmd", ["--steps", "4", "--fake-ratio", "2", "--epochs", "2", "--batch", "16", "--groups", "2",
-                             "--group-size", "4", "--fake-updates2", "1", "--dmd-through", "last", "--eval-samples", "100"],
+                             "--group-size", "4", "--fake-updates2", "1", "--dmd-through", "last",
+                             "--eval-samples", "100"],
                    replays=1)
     s1, s2 = _one(recs, "stage1"), _one(recs, "stage2")
     _check_common(s1, 4)
