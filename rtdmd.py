@@ -15,7 +15,13 @@ optimiser step (no 16 sub-batches x gradient accumulation; the loss is divided b
 per-step EMA (not the per-sub-batch quirk); full fine-tuning or the backend's LoRA, no LoRA merge between stages (the
 stage-1 EMA weights are copied into the generator instead); the GenEval reward is not wired. `--advantage raw --beta B`
 is our toy mode (not in the paper's code): PG on beta (r - leave-one-out mean) with the exact log-probability, rescaled
-by (#stochastic / #trained) steps, and the unnormalised KL direction at small t, so the target is exactly p_tilt.
+by (#stochastic / #trained) steps; the unnormalised KL direction (1 - t)(s_fake - s_real) at small t ~ U[0.02, 0.1]
+(KL_t -> KL_0; the fake is fitted on that range with weight 1); and `--dmd-through all` (the toy preset): the KL
+gradient re-parameterised through the whole chain. Why: at p = p_tilt, s_p - s_T = beta grad r, so the pathwise KL
+gradient equals beta x the pathwise reward gradient along the SAME paths; the hybrid reward estimator (score function
+on the stochastic steps + back-prop through the last) is unbiased for the full reward gradient, so only a KL gradient
+through every step cancels it. With the code's placement (`--dmd-through last`) the score-function reward term on the
+stochastic steps is left uncancelled at p_tilt, and the student goes past the tilted target (results/rtdmd_toy.md).
 On a backend with fewer prompts than groups, groups of one prompt get distinct shared-noise keys ("prompt#g").
 
     python rtdmd.py                                                  # toy2d, both stages, ~2 min on 2 CPU cores
