@@ -26,7 +26,8 @@ STAGE2 = {"RTDMD raw beta=0.5 (default: DMD through the chain)": [],
           "DMD on the last step only (official code's placement)": ["--dmd-through", "last"],
           "full GRPO (3 of 3 steps)": ["--sub-steps", "3"],
           "back-propagation off": ["--bp", "false"],
-          "surrogate log-prob instead of exact": ["--logprob", "surrogate"]}
+          "surrogate log-prob instead of exact": ["--logprob", "surrogate"],
+          "default, trained 2x longer (600 epochs)": ["--epochs", "600"]}
 
 
 def run(args: list[str], out: str) -> dict:
