@@ -2,6 +2,7 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python results/otca_sweep.py toy     # GRPO / TCD / MOCA / OTCA, 3 seeds, toy world
     HF_HUB_OFFLINE=1 .venv/bin/python results/otca_sweep.py dit     # the same on the small DiT (tiny preset, CPU)
+    HF_HUB_OFFLINE=1 .venv/bin/python results/otca_sweep.py dit60   # longer DiT runs (60 steps), one seed
 
 Every run is otca.py itself, called in-process one after another on one CPU thread, at equal rollouts (same
 steps, prompts per step, group size, sampler steps). Run directories are kept under runs/otca_sweep/<setting>/.
@@ -39,6 +40,7 @@ ABLATIONS = {  # extra rows (toy only): which part of TCD does what, and Flow-GR
 SETTINGS = {
     "toy": {"base": ["--teacher", "toy2d"], "seeds": [0, 1, 2]},
     "dit": {"base": ["--teacher", "dit", "--steps", "16", "--eval-samples", "48"], "seeds": [0, 1]},
+    "dit60": {"base": ["--teacher", "dit", "--steps", "60", "--eval-samples", "96"], "seeds": [0]},
 }
 
 
@@ -115,7 +117,8 @@ def plot(setting: str, rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
     objs = rows[0]["runs"][0]["summary"]["objectives"]
     fig, axes = plt.subplots(1, len(objs) + 1, figsize=(4.2 * (len(objs) + 1), 3.4))
-    w = 15  # moving-average window over training steps (each step's batch mean is noisy)
+    n_steps = len(rows[0]["runs"][0]["metrics"])
+    w = max(1, min(15, n_steps // 5))  # moving-average window over training steps (batch means are noisy)
     for r in rows:
         for ax, o in zip(axes, objs):
             curves = torch.tensor([[m[f"r_{o}"] for m in x["metrics"]] for x in r["runs"]])  # (seeds, steps)
