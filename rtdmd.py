@@ -297,7 +297,7 @@ def main(cfg: Config):
         if run_stage2:
             for group in opt_gen.param_groups:
                 group["lr"], group["weight_decay"] = cfg.lr2, cfg.weight_decay2
-            ema2 = EMA(gen_params, decay=cfg.ema_decay)
+            ema = EMA(gen_params, decay=cfg.ema_decay)    # a fresh stage-2 EMA (the snapshot saves this one)
         for epoch in range(max(0, run.step - n1), cfg.epochs if run_stage2 else 0):
             # ---- rollout: SubGRPO step choice and group-shared noise at the untrained stochastic steps ----
             S = subgrpo_steps(cfg.seed, epoch, stochastic, cfg.sub_steps)
@@ -332,11 +332,11 @@ def main(cfg: Config):
                     l_pg, ratio = clipped_surrogate(lp, tr.logprobs[:, j], A, cfg.clip_range)
                     pg = pg + l_pg.mean()
                     clipfrac.append(clip_fraction(ratio, cfg.clip_range))
-            if cfg.dmd_through == "all":     # re-run the chain with its own noises, reparameterised, all in graph
+            z = tr.states[:, K - 1]
+            x0_last = z - sigmas[K - 1] * vfn(z, sigmas[K - 1].expand(B))  # deterministic last step, z fixed: BP
+            x0 = x0_last                                                      # and, by default, DMD
+            if cfg.dmd_through == "all":     # DMD only: the chain re-run with its own noises, all steps in graph
                 x0 = rollout(vfn, tr.states[:, 0], sigmas, "cps", cfg.eta, grad="all", noises=tr.noises).final
-            else:
-                z = tr.states[:, K - 1]
-                x0 = z - sigmas[K - 1] * vfn(z, sigmas[K - 1].expand(B))    # deterministic last step, z fixed
             lo_t, hi_t = (0.02, cfg.raw_t_max) if cfg.advantage == "raw" else (0.02, 0.98)
             t = lo_t + (hi_t - lo_t) * torch.rand(B, generator=gcpu).to(dev)
             with torch.no_grad():
@@ -345,20 +345,21 @@ def main(cfg: Config):
                 v_f = backend.velocity(fake, x_t, t, cond, 1.0)
             if cfg.advantage == "raw":        # unnormalised: grad = (1 - t)(s_fake - s_real), calibrated vs beta
                 l_dm = linear_surrogate(x0, kl_direction(v_f, v_r, t))
-                l_bp = -cfg.beta * reward.combine(reward(backend.decode(x0), cond.prompts)).mean() if cfg.bp else 0.0
+                l_bp = -cfg.beta * reward.combine(reward(backend.decode(x0_last), cond.prompts)).mean() if cfg.bp \
+                    else 0.0
                 loss = l_dm + pg + l_bp
             else:
                 y_f, y_r = project_pair(x_t, v_f, v_r, t, torch.zeros(B, device=dev), cfg.eta, randn(x0.shape))
                 l_dm = dmd_loss(x0, y_f, y_r)[0].float()
-                l_bp = torch.relu(cfg.bp_margin - reward.combine(reward(backend.decode(x0), cond.prompts))).mean() \
-                    if cfg.bp else 0.0
+                l_bp = torch.relu(cfg.bp_margin - reward.combine(reward(backend.decode(x0_last), cond.prompts))) \
+                    .mean() if cfg.bp else 0.0
                 loss = (pg + cfg.w_dm * l_dm + cfg.w_bp * l_bp) / (len(S) + 1)
             # ---- update ----
             opt_gen.zero_grad(set_to_none=True)
             loss.backward()
             gn = clip_grad(gen_params, cfg.max_grad_norm)
             opt_gen.step()
-            ema2.update()
+            ema.update()
             run.check_finite(loss=loss)
             # ---- log / eval / save ----
             logs = {"stage": 2, "loss": loss.detach(), "pg": pg.detach(), "dmd": torch.as_tensor(l_dm).detach(),
