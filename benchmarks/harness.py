@@ -76,6 +76,7 @@ class Recorder:
     calls: list[Call] = field(default_factory=list)
     step: int = 0
     eval_depth: int = 0
+    ref_depth: int = 0        # inside backend.reference(): LoRA families yield the same module, adapter disabled
     eval_time: collections.Counter = field(default_factory=collections.Counter)   # step -> seconds in eval
     forwards: collections.Counter = field(default_factory=collections.Counter)    # step -> network forwards
     forwards_eval: collections.Counter = field(default_factory=collections.Counter)
@@ -85,6 +86,8 @@ class Recorder:
     reward_time: collections.Counter = field(default_factory=collections.Counter)  # step -> s in reward forwards
 
     def role(self, net) -> str:
+        if self.ref_depth > 0:
+            return "reference"
         explicit = getattr(net, "nfe_role", None)
         b = self.backend
         if explicit is not None and net is not getattr(b, "network", None):
@@ -131,6 +134,18 @@ def _instrument_backend(backend, rec: Recorder) -> None:
                 rec.decode_time[rec.step + 1] += time.perf_counter() - t0
 
     backend.decode = decode
+    inner_reference = backend.reference
+
+    @contextlib.contextmanager
+    def reference(net):
+        rec.ref_depth += 1
+        try:
+            with inner_reference(net) as ref:
+                yield ref
+        finally:
+            rec.ref_depth -= 1
+
+    backend.reference = reference
 
     def hook(module, inputs, output):
         (rec.forwards_eval if rec.eval_depth > 0 else rec.forwards)[rec.step + 1] += 1
@@ -238,8 +253,8 @@ def expected_calls(method: str, cfg, row: dict, chunks: int = 1) -> collections.
            the two-sample consistency hop, one call per sample); on a generator turn also k_gen - 1 generator calls
            without grad, 1 with grad, 1 teacher and 1 fake call without grad. Stage 2: K generator calls without grad
            (rollout), fake_updates2 x (1 + 2 [gamma > 0]) fake calls with grad, |S| + 1 generator calls with grad (the
-           trained SubGRPO steps and the deterministic last step; |S| + K with --dmd-through all, which re-runs the
-           whole chain in the graph), 1 teacher and 1 fake call without grad.
+           trained SubGRPO steps and the deterministic last step; |S| + 1 + K with --dmd-through all, which also
+           re-runs the whole chain in the graph), 1 teacher and 1 fake call without grad.
     """
     e = collections.Counter()
     if method == "rats":
@@ -269,7 +284,9 @@ def expected_calls(method: str, cfg, row: dict, chunks: int = 1) -> collections.
             K = len(cfg.timesteps)
             e[("student", False)] += K
             e[("fake", True)] += cfg.fake_updates2 * (1 + cons)
-            e[("student", True)] += cfg.sub_steps + (K if cfg.dmd_through == "all" else 1)
+            # the trained SubGRPO steps, the deterministic last step (reward back-propagation, and the DMD term by
+            # default), and with --dmd-through all the whole chain re-run in the graph for the DMD term
+            e[("student", True)] += cfg.sub_steps + 1 + (K if cfg.dmd_through == "all" else 0)
             e[("teacher", False)] += 1
             e[("fake", False)] += 1
     return collections.Counter({k: v for k, v in e.items() if v})

@@ -84,7 +84,8 @@ def test_rtdmd_dmd_through_all_reruns_the_chain_with_grad():
                    replays=1)
     s2 = _one(recs, "stage2")
     assert s2["nfe_match"]
-    assert s2["nfe_calls"]["student/grad"] == 2 + 4    # |S| recomputed log-probs + the K-step chain in the graph
+    # |S| recomputed log-probs + the last step (reward back-propagation) + the K-step chain in the graph
+    assert s2["nfe_calls"]["student/grad"] == 2 + 1 + 4
 
 
 def test_expected_calls_formula_independent_of_the_run():
