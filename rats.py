@@ -49,7 +49,7 @@ from common.evaluate import held_out, sample_final, score_summary
 from common.flow import rollout
 from common.rewards import build_reward
 from common.runs import Run, load_checkpoint
-from common.shaping import GapNormalizer, match_horizons, rats_loss, reward_gate, shaping_loss
+from common.shaping import GapNormalizer, match_horizons, rats_loss, reward_gate, shaping_distance, shaping_loss
 from common.train import EMA, autocast, clip_grad, make_optimizer, seed_everything
 
 
@@ -233,12 +233,14 @@ def main(cfg: Config) -> dict:
     if cfg.eval_only:
         net.load_state_dict(ckpt["state"]["net"], strict=False)
         net.eval()
-        out = {"reward_teacher": evaluate(backend, teacher, reward, ev, sig_T, cfg)[0]["reward"],
-               **final_eval(backend, net, teacher, base, reward, ev, sig_S, sig_T, cfg)}
+        ev_T, lat_T0 = evaluate(backend, teacher, reward, ev, sig_T, cfg)   # a fresh copy: the base teacher
+        out = {"reward_teacher": ev_T["reward"], **final_eval(backend, net, teacher, base, reward, ev, sig_S, sig_T,
+                                                               cfg, lat_T0)}
         out.pop("reward_teacher_ema")  # a fresh teacher copy here: it is the base teacher
         print(json.dumps(out, indent=2))
         return out
     summary = {"matching_index": j.tolist(), "sigmas_student": sig_S.tolist()}
+    lat_T0 = None  # the base teacher's N-step samples of the eval set (the reference of dist_to_teacher)
     state = run.resume()
     if state:
         net.load_state_dict(state["net"], strict=False)
@@ -248,9 +250,11 @@ def main(cfg: Config) -> dict:
         summary.update(state["summary"])
     elif is_main():  # before any update: the base teacher at N steps and the untrained student at K steps
         net.eval()
-        summary["reward_teacher"] = evaluate(backend, teacher, reward, ev, sig_T, cfg)[0]["reward"]
+        ev_T, lat_T0 = evaluate(backend, teacher, reward, ev, sig_T, cfg)
+        summary["reward_teacher"] = ev_T["reward"]
         ev0, lat0 = evaluate(backend, net, reward, ev, sig_S, cfg)
         summary["reward_student_init"] = ev0["reward"]
+        summary["dist_to_teacher_init"] = float(shaping_distance(lat0, lat_T0).mean())
         if backend.media == "points":
             summary.update({f"{k}_init": v for k, v in
                             point_metrics(backend, net, base, sig_S, sig_T, ev, lat0, cfg).items()})
@@ -329,16 +333,20 @@ def main(cfg: Config) -> dict:
                 run.save(step + 1, snapshot())
     net.eval()
     if is_main():
-        summary.update(final_eval(backend, net, teacher, base, reward, ev, sig_S, sig_T, cfg))
+        summary.update(final_eval(backend, net, teacher, base, reward, ev, sig_S, sig_T, cfg, lat_T0))
     run.finish(summary, state=snapshot())
     return summary
 
 
-def final_eval(backend, net, teacher, base, reward, ev, sig_S, sig_T, cfg: Config) -> dict:
+def final_eval(backend, net, teacher, base, reward, ev, sig_S, sig_T, cfg: Config, lat_T0=None) -> dict:
     """reward_student (K steps, after training), reward_teacher_ema (the EMA teacher, N steps), the extra
-    budgets --eval-nfe, and on 2-D points the KL / MMD against the base teacher."""
+    budgets --eval-nfe, dist_to_teacher (the shaping distance (1 - cos) + MSE between the student's K-step and
+    the base teacher's N-step outputs from the same noise: drift and collapse show here on every backend), and
+    on 2-D points the KL / MMD against the base teacher."""
     ev_S, lat = evaluate(backend, net, reward, ev, sig_S, cfg)
     out = {"reward_student": ev_S["reward"], **{f"{k}_student": v for k, v in ev_S.items() if k != "reward"}}
+    if lat_T0 is not None:
+        out["dist_to_teacher"] = float(shaping_distance(lat, lat_T0).mean())
     out["reward_teacher_ema"] = evaluate(backend, teacher, reward, ev, sig_T, cfg)[0]["reward"]
     for k in cfg.eval_nfe:
         sig_k = backend.sigmas(k, cfg.shift)

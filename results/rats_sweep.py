@@ -27,7 +27,9 @@ VARIANTS = {  # name -> flags (on top of the backend's preset)
     "reward only (w = 0)": ["--gate", "off"],
     "distillation only (lambda_r = 0)": ["--lambda-r", "0"],
     "frozen teacher (mu = 1)": ["--ema-decay", "1.0"],
+    "rats (gate, running-std gap, tau 1)": ["--gap-norm", "running_std", "--tau", "1.0"],
 }
+ABLATIONS = list(VARIANTS)[:5]
 SETTINGS = {
     "toy": {"base": ["--teacher", "toy2d", "--steps", "100", "--batch-size", "128", "--eval-size", "256"],
             "nfe": [2, 4], "seeds": [0, 1, 2],
@@ -42,10 +44,12 @@ SETTINGS = {
     # DiT: the tiny preset's pretrained teacher (toy.pretrain_dit --preset tiny; pass --pretrained DIR to pick one)
     "dit": {"base": ["--teacher", "dit", "--steps", "20", "--batch-size", "8", "--eval-size", "36",
                      "--eval-batch", "36"], "nfe": [3, 5, 8], "seeds": [0],
+            "variants": ABLATIONS,
             # CPU budget: every ablation at K = 3, the main three at K = 5 and 8
             "variants_by_k": {5: ["rats (gate)", "no gate (w = 1)", "reward only (w = 0)"],
                               8: ["rats (gate)", "no gate (w = 1)", "reward only (w = 0)"]},
-            "cols": ["reward_student", "reward_teacher_ema"]},
+            "cols": ["reward_student", "reward_dit_color_student", "reward_dit_shape_student", "dist_to_teacher",
+                     "reward_teacher_ema"]},
 }
 
 
@@ -158,6 +162,20 @@ if __name__ == "__main__":
         raise SystemExit(2)
     extra = sys.argv[2:]
     spec = SETTINGS[setting]
+    if "--posthoc" in extra:  # re-score every finished run with --eval-only (new metrics), rewrite the table
+        extra.remove("--posthoc")
+        path = os.path.join(HERE, f"rats_{setting}.json")
+        with open(path) as fh:
+            saved = json.load(fh)
+        for r in saved["rows"]:
+            for run in r["runs"]:
+                cfg = parse_config(rats.Config, spec["base"] + extra + ["--eval-only", "--ckpt", run["run_dir"]],
+                                   presets=rats.PRESETS)
+                run.update({k: v for k, v in rats.main(cfg).items() if k not in run or k == "dist_to_teacher"})
+        command = saved["command"] + "; then the same with --posthoc (re-scoring the checkpoints)"
+        write_tables(setting, saved["rows"], command)
+        plot(setting, saved["rows"])
+        raise SystemExit(0)
     if "--plots-only" in extra:  # redraw the PNGs from the table's JSON (the run directories must still exist)
         with open(os.path.join(HERE, f"rats_{setting}.json")) as fh:
             plot(setting, json.load(fh)["rows"])
