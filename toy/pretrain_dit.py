@@ -25,8 +25,14 @@ import time
 import torch
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # a user mistake: one line, exit status 2, no usage dump
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = _Parser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="tiny", help="tiny | mini | small | base")
     p.add_argument("--out", required=True, help="checkpoint directory")
     p.add_argument("--video", action="store_true", help="videos of moving shapes instead of images")
