@@ -86,6 +86,10 @@ def scaling_cases(quick: bool) -> list[tuple[str, str, str, list[str], dict]]:
     return out
 
 
+HEADER = ("Contended timings: 2 shared CPU cores, 1 torch thread per case; see machine.json. "
+          "Re-run on an idle machine: `python -m benchmarks --out runs/bench`.")
+
+
 def run_case(method: str, flags: list[str], opts: dict, tmp: str, tag: str, timeout: int = 600) -> list[dict]:
     path = os.path.join(tmp, f"{tag}.json")
     cmd = [sys.executable, "-m", "benchmarks.harness", method, "--json", path,
@@ -170,6 +174,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="rats,otca,rtdmd", help="methods to measure, comma separated")
     p.add_argument("--no-targets", action="store_true", help="skip the full default toy runs")
     p.add_argument("--no-scaling", action="store_true", help="skip the scaling sweeps")
+    p.add_argument("--targets-only", action="store_true", help="only the default toy runs (targets.md)")
     a = p.parse_args(argv)
     methods = [m.strip() for m in a.only.split(",") if m.strip()]
     bad = [m for m in methods if m not in ("rats", "otca", "rtdmd")]
@@ -180,6 +185,12 @@ def main(argv=None) -> int:
     tmp = os.path.join(a.out, "cases")
     os.makedirs(tmp, exist_ok=True)
     info = {"before": machine()}
+    if a.targets_only:
+        write_table(toy_targets(a.out), a.out, "targets", header=HEADER)
+        info["after"] = machine()
+        with open(os.path.join(a.out, "machine-targets.json"), "w") as fh:
+            json.dump(info, fh, indent=2)
+        return 0
     backends = ["toy2d", "flux"] if a.quick else ["toy2d", "dit", *TINY_BACKENDS]
     records, rows = [], []
     print("per method and backend", flush=True)
@@ -190,8 +201,7 @@ def main(argv=None) -> int:
                 r["backend"] = b
                 rows.append(per_step_row(b, r))
             records += recs
-    header = ("Contended timings: 2 shared CPU cores, 1 torch thread per case; see machine.json. "
-              "Re-run on an idle machine: `python -m benchmarks --out runs/bench`.")
+    header = HEADER
     write_table(rows, a.out, "per_step", header=header)
     if not a.no_scaling:
         print("scaling", flush=True)
