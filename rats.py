@@ -44,7 +44,7 @@ import torch
 
 from common.backend import get_backend
 from common.config import ConfigError, RunConfig, opt, parse_config, user_errors
-from common.dist import all_gather_cat, init_distributed, is_main, wrap_ddp
+from common.dist import all_gather_cat, init_distributed, is_dist, is_main, world_size
 from common.evaluate import held_out, sample_final, score_summary
 from common.flow import rollout
 from common.rewards import build_reward
@@ -215,7 +215,6 @@ def main(cfg: Config) -> dict:
     # The untouched base for the 2-D density metrics (elsewhere the teacher is scored before the first update).
     base = backend.frozen_copy(net) if backend.media == "points" else None
     opt_ = make_optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ddp_net = wrap_ddp(net, device) if world > 1 else net
     normalizer = GapNormalizer()
     sig_S = backend.sigmas(cfg.nfe, cfg.shift)                  # (K+1,) shifted, from 1 to 0
     sig_T = backend.sigmas(cfg.teacher_nfe, cfg.shift)          # (N+1,)
@@ -278,7 +277,7 @@ def main(cfg: Config) -> dict:
                 eps = backend.noise(B)
                 with torch.no_grad(), autocast(cfg.precision, device):
                     traj_T = rollout(backend.velocity_fn(teacher, cond, cfg.guidance), eps, sig_T)
-                vf = backend.velocity_fn(ddp_net, cond, cfg.guidance)
+                vf = backend.velocity_fn(net, cond, cfg.guidance)
                 if cfg.detach_inputs:
                     vf = detached_inputs(vf)
                 with autocast(cfg.precision, device):
@@ -314,7 +313,8 @@ def main(cfg: Config) -> dict:
                                  shape_term=s_term.detach().mean(), loss=loss.detach(),
                                  **{f"r_student_{n}": r_S_cols[:, m].detach().mean()
                                     for m, n in enumerate(reward.names) if len(reward.names) > 1}))
-            # ---- update: clip, step, then the EMA teacher (never a gradient: it is not in the optimizer) ----
+            # ---- update: average over ranks, clip, step, then the EMA teacher (never in the optimizer) ----
+            average_gradients(params)
             gn = clip_grad(params, cfg.max_grad_norm)
             opt_.step()
             ema.update()
@@ -354,6 +354,19 @@ def final_eval(backend, net, teacher, base, reward, ev, sig_S, sig_T, cfg: Confi
     if backend.media == "points":
         out.update(point_metrics(backend, net, base, sig_S, sig_T, ev, lat, cfg))
     return out
+
+
+def average_gradients(params) -> None:
+    """Data parallelism without a DDP wrapper (backends read attributes such as net.config off the module they
+    are given, which a DDP wrapper hides): all-reduce the mean of every gradient once per optimizer step."""
+    if not is_dist():
+        return
+    import torch.distributed as tdist
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        tdist.all_reduce(p.grad)
+        p.grad /= world_size()
 
 
 def detached_inputs(vf):
