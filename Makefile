@@ -17,7 +17,7 @@ test: install
 	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -m "not gpu" -p no:cacheprovider tests
 
 demo: install
-	$(PY) -m toy --out runs/demo
+	$(PY) -m toy.demo --out runs/demo
 
 lint: install
 	$(PY) -m ruff check .

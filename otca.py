@@ -54,7 +54,7 @@ from common.backend import Backend, get_backend
 from common.config import ConfigError, RunConfig, opt, parse_config, user_errors
 from common.credit import (batch_mean_credit, fused_clipped_loss, moca_fuse, objective_advantages,
                            per_objective_clipped_loss, step_advantages, tcd_credit, uniform_credit)
-from common.evaluate import held_out, markdown_table, sample_final, write_table
+from common.evaluate import held_out, markdown_table, sample_final, save_samples, write_table
 from common.flow import rollout, sde_step, transition_logprob
 from common.prompts import load_prompts
 from common.rewards import build_reward
@@ -189,7 +189,7 @@ def finite_or_none(t: torch.Tensor) -> list:
 
 
 @torch.no_grad()
-def evaluate(backend, net, reward, held, sigmas, micro_batch, precision, device):
+def evaluate(backend, net, reward, held, sigmas, micro_batch, precision, device, save_dir=None):
     """Mean reward per objective (and combined) of deterministic Euler samples of the fixed held-out set
     (common.evaluate.held_out: eval prompts x fixed noise); each rank samples every world-th row: {name: float}."""
     _, cond, noise = held
@@ -198,6 +198,8 @@ def evaluate(backend, net, reward, held, sigmas, micro_batch, precision, device)
     with autocast(precision, device):
         lat = sample_final(backend, net, cond, noise, sigmas, batch_size=micro_batch or None)
     r = dist.all_gather_cat(reward(backend.decode(lat).float(), cond.prompts).float()).cpu()
+    if save_dir and backend.media == "points" and dist.is_main():   # the demo draws them over the data density
+        save_samples(save_dir, lat, backend.target(0) if hasattr(backend, "target") else None)
     out = {n: float(r[:, m].mean()) for m, n in enumerate(reward.names)}
     out["combined"] = float(reward.combine(r).mean())
     return out
@@ -393,7 +395,8 @@ def main(cfg: Config) -> dict:
             if run.due(step + 1):
                 run.save(step + 1, snapshot())
 
-    rewards = ev()
+    rewards = evaluate(backend, net, reward, held, sigmas, cfg.micro_batch, cfg.precision, device, run.out) \
+        if held else {}
     summary = {"rewards_init": rewards_init, "rewards": rewards, "objectives": reward.names,
                "credit_per_step": (credit_sum / max(credit_n, 1)).tolist(),
                "eval": {"sampler": "euler", "nfe": K, "samples": n_per * len(eval_prompts) if held else 0,

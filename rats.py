@@ -45,7 +45,7 @@ import torch
 from common.backend import get_backend
 from common.config import ConfigError, RunConfig, opt, parse_config, user_errors
 from common.dist import all_gather_cat, init_distributed, is_dist, is_main, world_size
-from common.evaluate import held_out, sample_final, score_summary
+from common.evaluate import held_out, sample_final, save_samples, score_summary
 from common.flow import rollout
 from common.rewards import build_reward
 from common.runs import Run, load_checkpoint
@@ -333,17 +333,20 @@ def main(cfg: Config) -> dict:
                 run.save(step + 1, snapshot())
     net.eval()
     if is_main():
-        summary.update(final_eval(backend, net, teacher, base, reward, ev, sig_S, sig_T, cfg, lat_T0))
+        summary.update(final_eval(backend, net, teacher, base, reward, ev, sig_S, sig_T, cfg, lat_T0, run.out))
     run.finish(summary, state=snapshot())
     return summary
 
 
-def final_eval(backend, net, teacher, base, reward, ev, sig_S, sig_T, cfg: Config, lat_T0=None) -> dict:
+def final_eval(backend, net, teacher, base, reward, ev, sig_S, sig_T, cfg: Config, lat_T0=None,
+               save_dir: str | None = None) -> dict:
     """reward_student (K steps, after training), reward_teacher_ema (the EMA teacher, N steps), the extra
     budgets --eval-nfe, dist_to_teacher (the shaping distance (1 - cos) + MSE between the student's K-step and
     the base teacher's N-step outputs from the same noise: drift and collapse show here on every backend), and
     on 2-D points the KL / MMD against the base teacher."""
     ev_S, lat = evaluate(backend, net, reward, ev, sig_S, cfg)
+    if save_dir and backend.media == "points":   # the demo draws them over the data density
+        save_samples(save_dir, lat, backend.target(0) if hasattr(backend, "target") else None)
     out = {"reward_student": ev_S["reward"], **{f"{k}_student": v for k, v in ev_S.items() if k != "reward"}}
     if lat_T0 is not None:
         out["dist_to_teacher"] = float(shaping_distance(lat, lat_T0).mean())

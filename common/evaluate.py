@@ -96,6 +96,14 @@ def evaluate_models(backend, samplers: dict[str, Sampler], reward, cond, noise: 
     return rows
 
 
+def save_samples(out_dir: str, latents: torch.Tensor, target=None, n: int = 4096, name: str = "samples.pt") -> str:
+    """Keep a run's final evaluation samples (2-D points on the toy) with the density they aim at (an object with
+    log_prob, e.g. a toy GaussianMixture), so that reports can draw them over the target's contours."""
+    path = os.path.join(out_dir, name)
+    torch.save({"samples": latents.detach().float().cpu()[:n], "target": target}, path)
+    return path
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
