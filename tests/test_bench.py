@@ -110,3 +110,25 @@ def test_suite_rejects_unknown_method(capsys):
     from benchmarks.__main__ import main
     assert main(["--only", "ratz", "--out", "unused"]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_dit_throughput_counts_flops_and_reports_mfu_only_with_a_peak():
+    from benchmarks.dit_throughput import main
+    r = main(["--preset", "tiny", "--resolution", "16", "--batch", "2", "--warmup", "0", "--steps", "1",
+              "--device", "cpu", "--threads", "1", "--peak-tflops", "1"])
+    assert r["flops_per_step"] > 0 and r["dtype"] == "float32" and not r["compile"]
+    assert r["mfu"] == pytest.approx(r["flops_per_step"] / r["step_s_median"] / 1e12, rel=0.02, abs=1e-4)
+    assert main(["--preset", "tiny", "--resolution", "16", "--batch", "2", "--warmup", "0", "--steps", "1",
+                 "--device", "cpu", "--threads", "1"])["mfu"] is None
+
+
+@pytest.mark.slow
+def test_flux_method_step_tiny_counts_calls():
+    from benchmarks.flux_method_step import main
+    r = main(["--method", "grpo", "--tiny", "--device", "cpu", "--nfe", "3", "--group-size", "4", "--micro-batch", "2",
+              "--train-fraction", "1", "--warmup", "0", "--steps", "1", "--threads", "1"])
+    # 2 chunks x K rollout calls; every non-final step of every chunk recomputed (train fraction 1)
+    assert r["calls_per_step"] == {"rollout_nograd": 6, "recompute_grad": 4}
+    r = main(["--method", "rats", "--tiny", "--device", "cpu", "--teacher-nfe", "4", "--teacher-copy", "adapter",
+              "--warmup", "0", "--steps", "1", "--threads", "1"])
+    assert r["calls_per_step"] == {"student_grad": 3, "teacher_nograd": 4}
