@@ -151,11 +151,14 @@ def sde_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next, kind: str = "e
     x, v = x.float(), v.float()
     s, sn = bcast(sigma, x), bcast(sigma_next, x)
     delta = s - sn
-    eps_hat = x + (1 - s) * v
     zero = torch.zeros((), device=x.device)
-    if kind == "euler" or noise_level == 0.0:
-        mean, std = x - delta * v, zero
-    elif kind in ("flow_grpo", "dance"):
+    # Decide on the host what python floats allow, so a rollout does not synchronise with the GPU every step.
+    sn_host = float(sigma_next) if isinstance(sigma_next, (int, float)) else None
+    if kind == "euler" or noise_level == 0.0 or sn_host == 0.0:
+        # Euler; at sigma' = 0 this is x0_hat exactly (x - sigma v), the deterministic last step of every kind
+        return x - delta * v, x - delta * v, zero
+    eps_hat = x + (1 - s) * v
+    if kind in ("flow_grpo", "dance"):
         if kind == "flow_grpo":
             if sigma_max is None:
                 sigma_max = float(torch.as_tensor(sigma_next).max())  # the next grid value at the first step
@@ -169,13 +172,11 @@ def sde_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next, kind: str = "e
         std = sn * math.sin(noise_level * math.pi / 2)
         x0_hat = x - s * v
         mean = (1 - sn) * x0_hat + torch.sqrt((sn ** 2 - std ** 2).clamp_min(0)) * eps_hat
-    # A step to sigma' = 0 is deterministic: x0_hat, std 0 (Euler gives the same point).
-    final = sn <= 0
-    if bool(torch.as_tensor(final).any()):
+    if sn_host is None:
+        # per-sample sigma' (a tensor): rows that step to sigma' = 0 are deterministic (x0_hat, std 0)
+        final = sn <= 0
         mean = torch.where(final, x - s * v, mean)
         std = torch.where(final, zero, std)
-    if not torch.is_tensor(std) or not bool((torch.as_tensor(std) > 0).any()):
-        return mean, mean, torch.zeros_like(torch.as_tensor(std, dtype=torch.float32))
     if noise is None:
         g_dev = generator.device if generator is not None else x.device
         noise = torch.randn(x.shape, generator=generator, device=g_dev, dtype=torch.float32).to(x.device)
@@ -284,25 +285,28 @@ def rollout(velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x
     K = K_total if stop is None else stop + 1
     if not 1 <= K <= K_total:
         raise ValueError(f"stop={stop} outside the grid of {K_total} steps")
+    grid = [float(v) for v in sigmas.tolist()]        # read the grid once on the host: no per-step GPU sync
     if sigma_max is None and K_total >= 1:
-        sigma_max = float(sigmas[1])
+        sigma_max = grid[1]
     with_grad = _grad_steps(grad, K)
     B = x.shape[0]
     states, x0s, stds, lps, used, means = [x], [], [], [], [], []
     cur = x
     for k in range(K):
-        s = sigmas[k].expand(B).to(x.device, torch.float32)
-        sn = sigmas[k + 1].expand(B).to(x.device, torch.float32)
+        s = torch.full((B,), grid[k], device=x.device, dtype=torch.float32)
+        stochastic = kind != "euler" and noise_level > 0 and grid[k + 1] > 0   # known on the host
         nk = None if noises is None else noises[k] if not torch.is_tensor(noises) else noises[:, k]
         with torch.set_grad_enabled(k in with_grad and torch.is_grad_enabled()):
             inp = cur if k in with_grad else cur.detach()
             v = velocity_fn(inp, s).float()
-            if nk is None and kind != "euler" and noise_level > 0 and float(sigmas[k + 1]) > 0:
+            if nk is None and stochastic:
                 g_dev = generator.device if generator is not None else x.device
                 nk = torch.randn(x.shape, generator=generator, device=g_dev, dtype=torch.float32).to(x.device)
-            nxt, mean, std = sde_step(inp, v, s, sn, kind, noise_level, noise=nk, sigma_max=sigma_max)
+            nxt, mean, std = sde_step(inp, v, s, grid[k + 1], kind, noise_level, noise=nk, sigma_max=sigma_max)
             x0 = velocity_to_x0(inp.float(), v, s)
-            if logprob == "gaussian":
+            if not stochastic:
+                lp = torch.zeros(B, device=x.device)
+            elif logprob == "gaussian":
                 lp = gaussian_logprob(nxt, mean, std, reduce)
             elif logprob == "cps":
                 lp = cps_logprob_surrogate(nxt, mean, reduce)
@@ -310,12 +314,11 @@ def rollout(velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x
                 raise ValueError(f"logprob must be 'gaussian' or 'cps', got {logprob!r}")
         std_b = torch.as_tensor(std, dtype=torch.float32, device=x.device)
         std_b = std_b.reshape(B, -1)[:, 0] if std_b.ndim > 0 else std_b.expand(B)
-        deterministic = not bool((std_b > 0).any())
         states.append(nxt)
         x0s.append(x0)
         stds.append(std_b)
-        lps.append(lp if not deterministic else torch.zeros(B, device=x.device))
-        used.append(torch.zeros_like(nxt) if (deterministic or nk is None) else nk.float())
+        lps.append(lp)
+        used.append(nk.float() if (stochastic and nk is not None) else torch.zeros_like(nxt))
         if store_means:
             means.append(mean)
         cur = nxt

@@ -64,10 +64,15 @@ def test_tilted_kl_identity_quadratic(seed, beta, D):
     rhs = _kl(m, Sp, mu, S) - beta * float(Er) + float(logZ)
     assert lhs == pytest.approx(rhs, rel=1e-8, abs=1e-8)
     if seed % 8 == 0:  # Monte Carlo log Z on a few examples only (time budget)
-        x = MultivariateNormal(mu, S).sample((200_000,))
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)             # deterministic per example: no flaky draw
+            x = MultivariateNormal(mu, S).sample((200_000,))
         r = -0.5 * (((x - c) @ A) * (x - c)).sum(1)
         mc = torch.logsumexp(beta * r, 0) - math.log(x.shape[0])
-        assert float(mc) == pytest.approx(float(logZ), abs=0.05)
+        # exp(beta r) is heavy-tailed at large beta: compare within the estimator's own standard error (delta method)
+        w = torch.exp(beta * r - (beta * r).max())
+        se = float(w.std() / w.mean()) / math.sqrt(x.shape[0])
+        assert float(mc) == pytest.approx(float(logZ), abs=5 * se + 0.01)
 
 
 # ----- T7: the ambient kernel and the fake-score target ----------------------------------------------------
