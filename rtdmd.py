@@ -43,6 +43,7 @@ from common.dmd import (ambient_fake_loss, ambient_forward, ambient_target, ambi
                         dmd_loss, kl_direction, linear_surrogate, per_reward_advantages, project_pair,
                         raw_advantages, sample_consistency_level, sample_renoise_level, subgrpo_noises,
                         subgrpo_steps)
+from common.evaluate import save_samples
 from common.flow import make_sigmas, rollout, transition_logprob
 from common.rewards import build_reward
 from common.rl import clip_fraction, clipped_surrogate
@@ -117,7 +118,7 @@ PRESETS = {
 }
 
 
-def toy_eval(backend, gen, sigmas, reward, cfg, tilt, euler: bool = True) -> dict:
+def toy_eval(backend, gen, sigmas, reward, cfg, tilt, euler: bool = True, save_dir: str | None = None) -> dict:
     """Toy only: distances of the generator's law to the exact teacher and to p_tilt.
 
     The trained generator is stochastic (CPS eta): kl_hist_* are toy/metrics.kl_histogram estimates (binned KL,
@@ -131,6 +132,8 @@ def toy_eval(backend, gen, sigmas, reward, cfg, tilt, euler: bool = True) -> dic
     with torch.no_grad():
         x = rollout(backend.velocity_fn(gen, cond, 1.0), noise, sigmas, "cps", cfg.eta, generator=g).final
         r = reward.combine(reward(backend.decode(x)))
+    if save_dir:   # the final samples with the density they aim at (p_tilt when tilting), for the demo's figure
+        save_samples(save_dir, x, tilt[0] if tilt else mix)
     out = {"reward": float(r.mean())}
     for name, target in (("teacher", mix), ("tilted", tilt[0] if tilt else None)):
         if target is None:
@@ -377,7 +380,7 @@ def main(cfg: Config):
 
     # ================================ final eval and summary ================================
     if is_toy and run_stage2:
-        ev = toy_eval(backend, gen, sigmas, reward, cfg, tilt)
+        ev = toy_eval(backend, gen, sigmas, reward, cfg, tilt, save_dir=run.out if run.main else None)
         summary.update({f"{k}_stage2": v for k, v in ev.items()})
         summary["kl_student_tilted"], summary["reward_student"] = ev["kl_hist_tilted"], ev["reward"]
         summary["kl_student2_teacher"] = ev["kl_hist_teacher"]

@@ -20,5 +20,5 @@ def test_quick_demo_writes_report_tables_and_plots(tmp_path):
         assert f"]({png})" in report
     numbers = json.load(open(os.path.join(out, "report.json")))
     assert set(numbers) == {"rats", "otca", "rtdmd"}
-    assert len(numbers["rats"]) == 3 and all(r["reward_student"] is not None for r in numbers["rats"])
+    assert len(numbers["rats"]) == 5 and all(r["reward_student"] is not None for r in numbers["rats"])
     assert {"gaps.md", "tilted.png", "datasets.png"} <= set(os.listdir(os.path.join(out, "toy")))
