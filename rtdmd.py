@@ -31,6 +31,7 @@ On a backend with fewer prompts than groups, groups of one prompt get distinct s
 from __future__ import annotations
 
 import copy
+import os
 import random
 from dataclasses import dataclass
 from typing import Literal
@@ -98,6 +99,10 @@ class Config(RunConfig):
     weight_decay2: float = opt(1e-4, "stage-2 generator weight decay", min=0)
     # ----- evaluation -----
     eval_samples: int = opt(20000, "toy: samples for the KL estimates", min=100)
+    eval_only: bool = opt(False, "no training: evaluate --ckpt (a run directory or checkpoint) at --eval-nfe")
+    ckpt: str = opt("", "with --eval-only: the trained run to evaluate ('' = the base model only)", path=True)
+    eval_nfe: list[int] = opt([4], "with --eval-only: generator step counts (CPS eta, last step deterministic)")
+    eval_per_prompt: int = opt(8, "with --eval-only: held-out samples per eval prompt", min=1)
 
 
 PRESETS = {
@@ -148,10 +153,41 @@ def toy_eval(backend, gen, sigmas, reward, cfg, tilt, euler: bool = True, save_d
     return out
 
 
+def eval_only(cfg: Config, backend, gen, teacher, reward, tilt) -> dict:
+    """--eval-only: the teacher (50 Euler steps, CFG), the base generator and the trained one (its EMA weights) at
+    every --eval-nfe CPS budget, on the held-out prompts and noise; eval.md/json in --ckpt's run directory (or
+    --out). On the toy, the binned KL of each to the teacher and to p_tilt is added."""
+    from common.evaluate import Sampler, eval_table
+    from common.runs import load_checkpoint
+    dev = backend.device
+    samplers = {"teacher (N=50, Euler)": Sampler(teacher, backend.sigmas(50))}
+    trained = None
+    if cfg.ckpt:
+        trained = copy.deepcopy(gen)
+        trained.load_state_dict(load_checkpoint(cfg.ckpt, map_location=dev)["state"]["gen_ema"])
+    for k in cfg.eval_nfe:
+        grid = backend.sigmas(k)
+        samplers[f"base generator (K={k})"] = Sampler(gen, grid, "cps", cfg.eta, 1.0)
+        if trained is not None:
+            samplers[f"RTDMD (K={k})"] = Sampler(trained, grid, "cps", cfg.eta, 1.0)
+    extra = None
+    if tilt is not None:
+        from toy.metrics import kl_histogram
+        targets = {"teacher": backend.target(0), "tilted": tilt[0]}
+        extra = lambda name, lat, media: {f"kl_{t}": kl_histogram(lat, m.log_prob, bounds=(-6.0, 6.0, -6.0, 6.0),
+                                                                   bins=48)["kl"] for t, m in targets.items()}
+    out = cfg.ckpt if os.path.isdir(cfg.ckpt) else (cfg.out or "runs/rtdmd-eval")
+    rows = eval_table(backend, samplers, reward, out, header=f"rtdmd.py --eval-only --ckpt {cfg.ckpt or '(none)'}",
+                      n_per_prompt=cfg.eval_per_prompt if tilt is None else max(cfg.eval_per_prompt, 4000),
+                      seed=10_000 + cfg.seed, extra=extra)
+    print(f"wrote {os.path.join(out, 'eval.md')}")
+    return {"rows": rows}
+
+
 def main(cfg: Config):
     if cfg.sub_steps > len(cfg.timesteps) - 1:
         raise ConfigError(f"--sub-steps {cfg.sub_steps} exceeds the {len(cfg.timesteps) - 1} stochastic steps")
-    run = Run(cfg, "rtdmd")
+    run = None if cfg.eval_only else Run(cfg, "rtdmd")
     seed_everything(cfg.seed)
     if not torch.cuda.is_available():
         torch.set_num_threads(1)   # the toy is latency-bound: extra intra-op threads only spin on a shared CPU
@@ -185,6 +221,8 @@ def main(cfg: Config):
     is_toy = getattr(backend, "mixture", None) is not None and hasattr(reward.rewards[0], "tilt_spec")
     if is_toy:
         tilt = backend.target(0).tilt(reward.rewards[0], cfg.beta)  # (p_tilt mixture, log Z), closed form
+    if cfg.eval_only:
+        return eval_only(cfg, backend, gen, teacher, reward, tilt)
     rng = random.Random(cfg.seed)
     gcpu = torch.Generator().manual_seed(cfg.seed + 1)
 

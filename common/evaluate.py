@@ -6,7 +6,7 @@
     write_table(rows, out_dir, "eval")          # eval.md (paper layout) + eval.json
 
 A row is {"model": name, "nfe": K, <objective>: mean, <objective>_std: std, ...extra metrics}. Scores are on the
-training scale; a reward may expose `table_scale` (a dict objective -> factor, e.g. HPS x100) used for tables.
+training scale; rewards expose `table_scale` (one factor per objective, e.g. HPS x100) used for tables.
 """
 from __future__ import annotations
 
@@ -65,10 +65,10 @@ def score_summary(reward, media: torch.Tensor, prompts: Sequence[str] | None, ta
     """Mean and std of every objective (and of the weighted combination when there are several)."""
     with torch.no_grad():
         r = reward(media, prompts).float().cpu()                   # (B, M)
-    scales = getattr(reward, "table_scale", None) or {}
+    scales = list(getattr(reward, "table_scale", None) or [1.0] * len(reward.names))  # one factor per objective
     out = {}
     for m, name in enumerate(reward.names):
-        col = r[:, m] * (scales.get(name, 1.0) if table else 1.0)
+        col = r[:, m] * (scales[m] if table else 1.0)
         out[name] = float(col.mean())
         out[f"{name}_std"] = float(col.std()) if len(col) > 1 else 0.0
     if len(reward.names) > 1 and hasattr(reward, "combine"):
@@ -102,6 +102,19 @@ def save_samples(out_dir: str, latents: torch.Tensor, target=None, n: int = 4096
     path = os.path.join(out_dir, name)
     torch.save({"samples": latents.detach().float().cpu()[:n], "target": target}, path)
     return path
+
+
+def eval_table(backend, samplers: dict[str, Sampler], reward, out_dir: str, header: str = "",
+               n_per_prompt: int = 8, seed: int = 0, prompts: Sequence[str] | None = None,
+               extra: Callable[[str, torch.Tensor, torch.Tensor], dict] | None = None,
+               batch_size: int | None = None) -> list[dict]:
+    """The --eval-only path: every sampler on the same held-out prompts and noise, scored on the papers' table
+    scales (HPS x100, PickScore logit, ImageReward raw), written to out_dir/eval.md and eval.json."""
+    _, cond, noise = held_out(backend, n_per_prompt, seed, prompts=prompts)
+    rows = evaluate_models(backend, samplers, reward, cond, noise, extra=extra, table=True, seed=seed,
+                           batch_size=batch_size)
+    write_table(rows, out_dir, "eval", header=header)
+    return rows
 
 
 def _fmt(v) -> str:

@@ -28,6 +28,15 @@ def test_toy_both_stages_summary(tmp_path):
     assert len(gen_rows) == 2 and all(r["dmd_grad_norm"] > 0 for r in gen_rows)       # 10:1 TTUR
     st2 = [r for r in rows if r["stage"] == 2]
     assert all(len(r["subgrpo_steps"]) == 2 for r in st2) and all("reward_linear" in r for r in st2)
+    # --eval-only on that run: the teacher, the base and the trained generator at two budgets, one table
+    out = rtdmd.main(parse_config(rtdmd.Config, ["--eval-only", "--ckpt", str(tmp_path), "--eval-nfe", "2,4"],
+                                  presets=rtdmd.PRESETS))
+    models = [r["model"] for r in out["rows"]]
+    assert models == ["teacher (N=50, Euler)", "base generator (K=2)", "RTDMD (K=2)", "base generator (K=4)",
+                      "RTDMD (K=4)"]
+    assert all(math.isfinite(r["kl_tilted"]) for r in out["rows"])
+    table = json.load(open(tmp_path / "eval.json"))
+    assert [r["nfe"] for r in table] == [50, 2, 2, 4, 4] and "| kl_teacher |" in open(tmp_path / "eval.md").read()
 
 
 @pytest.mark.slow
