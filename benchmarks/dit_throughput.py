@@ -14,14 +14,14 @@ Prints one JSON line (and writes it to --out when given).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+
+from benchmarks.timing import device_and_dtype, median, report, time_steps  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
 
@@ -57,13 +57,9 @@ def main(argv=None) -> dict:
     if a.steps < 1 or a.batch < 1 or a.warmup < 0:
         print("error: --steps and --batch must be >= 1, --warmup >= 0", file=sys.stderr)
         sys.exit(2)
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
-        sys.exit(2)
+    device, dtype = device_and_dtype(a.device, a.dtype)
     if a.threads:
         torch.set_num_threads(a.threads)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     from common.dit import DiT, DiTBackend, DiTConfig
     torch.manual_seed(0)
     # a random-init DiT of the requested preset (DiTBackend's tiny=True path builds only the tiny preset)
@@ -90,10 +86,6 @@ def main(argv=None) -> dict:
         opt.step()
         return loss
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as fc:   # eager, before compilation: the model's FLOPs, not the kernels'
         step()
@@ -101,20 +93,8 @@ def main(argv=None) -> dict:
     if a.compile:
         for b in net.blocks:
             b.compile()
-    t_c = time.perf_counter()
-    for _ in range(a.warmup):
-        step()
-    sync()
-    t_warm = time.perf_counter() - t_c
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(a.steps):
-        t0 = time.perf_counter()
-        loss = step()
-        sync()
-        times.append(time.perf_counter() - t0)
-    t_med = sorted(times)[len(times) // 2]
+    times, loss, t_warm = time_steps(step, a.warmup, a.steps, device)
+    t_med = median(times)
     peak = peak_tflops(device, a.peak_tflops)
     res = dict(benchmark="dit_train_throughput", preset=a.preset, video=a.video, resolution=net.cfg.resolution,
                device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -123,14 +103,7 @@ def main(argv=None) -> dict:
                samples_per_s=round(a.batch / t_med, 2), achieved_tflops=round(flops / t_med / 1e12, 4),
                peak_tflops=peak, mfu=round(flops / t_med / (peak * 1e12), 4) if peak else None,
                warmup_s=round(t_warm, 2), loss=round(float(loss.detach()), 5), torch=torch.__version__)
-    if device.type == "cuda":
-        res["peak_allocated_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-    line = json.dumps(res)
-    print(line)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(line + "\n")
-    return res
+    return report(res, device, a.out)
 
 
 if __name__ == "__main__":

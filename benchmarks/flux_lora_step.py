@@ -14,15 +14,15 @@ Prints one JSON line (and writes it to --out when given).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+
+from benchmarks.timing import device_and_dtype, median, report, time_steps  # noqa: E402
 
 # FLUX.1-dev's transformer/config.json values (black-forest-labs/FLUX.1-dev)
 FLUX1_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
@@ -68,11 +68,7 @@ def main(argv=None) -> dict:
     if a.steps < 1 or a.batch < 1:
         print("error: --steps and --batch must be >= 1", file=sys.stderr)
         sys.exit(2)
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
-        sys.exit(2)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    device, dtype = device_and_dtype(a.device, a.dtype)
     cfg = FLUX_TRANSFORMER if a.tiny else FLUX1_DEV
     H = a.height or (32 if a.tiny else 512)
     W = a.width or (32 if a.tiny else 512)
@@ -126,39 +122,15 @@ def main(argv=None) -> dict:
         opt.step()
         return float(loss.detach())
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    for _ in range(a.warmup):
-        step()
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(a.steps):
-        t0 = time.perf_counter()
-        loss = step()
-        sync()
-        times.append(time.perf_counter() - t0)
+    times, loss, _ = time_steps(step, a.warmup, a.steps, device)
     res = dict(benchmark="flux1_lora_step", tiny=a.tiny, device=str(device),
                device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                dtype=str(dtype).removeprefix("torch."), height=H, width=W, batch=a.batch, image_tokens=N,
                text_tokens=L, lora_rank=a.lora_rank, gradient_checkpointing=not a.no_checkpointing,
                params=n_params, lora_params=sum(p.numel() for p in lora), build_s=round(t_build, 2),
-               step_s_median=round(sorted(times)[len(times) // 2], 4), step_s_all=[round(t, 4) for t in times],
+               step_s_median=round(median(times), 4), step_s_all=[round(t, 4) for t in times],
                loss=round(loss, 5), torch=torch.__version__)
-    if device.type == "cuda":
-        res["peak_allocated_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-        res["peak_reserved_GiB"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
-    else:                                         # Linux ru_maxrss is in KiB: the whole process's peak RSS
-        res["peak_rss_GiB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
-    line = json.dumps(res)
-    print(line)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(line + "\n")
-    return res
+    return report(res, device, a.out)
 
 
 if __name__ == "__main__":

@@ -28,15 +28,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import resource
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+
+from benchmarks.timing import device_and_dtype, median, report, time_steps  # noqa: E402
 
 PAPER_TABLE = {"RATS": (7.57, 67.67), "SenseFlow": (7.31, 78.87), "DanceGRPO": (212.71, 34.05)}
 
@@ -81,11 +81,7 @@ def main(argv=None) -> dict:
     if a.method == "grpo" and K < 2:
         print("error: --nfe must be >= 2 for grpo (the last step is never trained)", file=sys.stderr)
         sys.exit(2)
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
-        sys.exit(2)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    device, dtype = device_and_dtype(a.device, a.dtype)
     cfg = FLUX_TRANSFORMER if a.tiny else FLUX1_DEV
     H, W = a.height or (32 if a.tiny else 512), a.width or (32 if a.tiny else 512)
     L = a.text_len or (16 if a.tiny else 512)
@@ -215,46 +211,20 @@ def main(argv=None) -> dict:
 
     step = rats_step if a.method == "rats" else grpo_step
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    for _ in range(a.warmup):
-        step()
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for k in nfe:
-        nfe[k] = 0
-    times = []
-    for _ in range(a.steps):
-        t0 = time.perf_counter()
-        loss = step()
-        sync()
-        times.append(time.perf_counter() - t0)
+    times, loss, _ = time_steps(step, a.warmup, a.steps, device, after_warmup=lambda: nfe.update({k: 0 for k in nfe}))
     res = dict(benchmark=f"flux1_{a.method}_step", tiny=a.tiny, device=str(device),
                device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                dtype=str(dtype).removeprefix("torch."), height=H, width=W, image_tokens=N_tok, text_tokens=L,
                nfe=K, lora_rank=a.lora_rank, gradient_checkpointing=not a.no_checkpointing, params=n_params,
                lora_params=sum(p.numel() for p in lora), build_s=round(t_build, 2),
-               step_s_median=round(sorted(times)[len(times) // 2], 4), step_s_all=[round(t, 4) for t in times],
+               step_s_median=round(median(times), 4), step_s_all=[round(t, 4) for t in times],
                calls_per_step={k: v / a.steps for k, v in nfe.items() if v}, loss=round(loss, 6),
                paper_table=PAPER_TABLE, excluded="VAE decode, reward model, text encoders", torch=torch.__version__)
     if a.method == "rats":
         res.update(teacher_nfe=a.teacher_nfe, batch=a.batch, teacher_copy=a.teacher_copy)
     else:
         res.update(group_size=a.group_size, micro_batch=a.micro_batch, train_fraction=a.train_fraction)
-    if device.type == "cuda":
-        res["peak_allocated_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-        res["peak_reserved_GiB"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
-    else:
-        res["peak_rss_GiB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
-    line = json.dumps(res)
-    print(line)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(line + "\n")
-    return res
+    return report(res, device, a.out)
 
 
 if __name__ == "__main__":
