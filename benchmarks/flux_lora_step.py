@@ -61,17 +61,12 @@ def build(cfg: dict, device: torch.device, dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
-def main(argv=None) -> dict:
-    a = parse(argv)
-    from common.backends.flux import FluxBackend, image_ids
+def flux_setup(a):
+    """The transformer config and sizes a run asks for: (config, height, width, text tokens, VAE factor); checks the
+    size (one line, exit 2), sets --threads and seeds the weights' initialisation."""
     from common.backends.tiny import FLUX_TRANSFORMER
-    if a.steps < 1 or a.batch < 1:
-        print("error: --steps and --batch must be >= 1", file=sys.stderr)
-        sys.exit(2)
-    device, dtype = device_and_dtype(a.device, a.dtype)
     cfg = FLUX_TRANSFORMER if a.tiny else FLUX1_DEV
-    H = a.height or (32 if a.tiny else 512)
-    W = a.width or (32 if a.tiny else 512)
+    H, W = a.height or (32 if a.tiny else 512), a.width or (32 if a.tiny else 512)
     L = a.text_len or (16 if a.tiny else 512)
     vae_factor = 2 if a.tiny else VAE_FACTOR
     if H % (2 * vae_factor) or W % (2 * vae_factor):
@@ -80,7 +75,17 @@ def main(argv=None) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
+    return cfg, H, W, L, vae_factor
 
+
+def main(argv=None) -> dict:
+    a = parse(argv)
+    from common.backends.flux import FluxBackend, image_ids
+    if a.steps < 1 or a.batch < 1:
+        print("error: --steps and --batch must be >= 1", file=sys.stderr)
+        sys.exit(2)
+    device, dtype = device_and_dtype(a.device, a.dtype)
+    cfg, H, W, L, vae_factor = flux_setup(a)
     t_build = time.perf_counter()
     net = build(cfg, device, dtype)
     n_params = sum(p.numel() for p in net.parameters())

@@ -68,9 +68,8 @@ def parse(argv=None):
 
 def main(argv=None) -> dict:
     a = parse(argv)
-    from benchmarks.flux_lora_step import FLUX1_DEV, VAE_FACTOR, build
+    from benchmarks.flux_lora_step import build, flux_setup
     from common.backends.flux import FluxBackend, image_ids
-    from common.backends.tiny import FLUX_TRANSFORMER
     from common.flow import flux_mu, make_sigmas, rollout, transition_logprob
     from common.rl import clipped_surrogate
     from common.shaping import match_horizons, shaping_loss
@@ -82,17 +81,7 @@ def main(argv=None) -> dict:
         print("error: --nfe must be >= 2 for grpo (the last step is never trained)", file=sys.stderr)
         sys.exit(2)
     device, dtype = device_and_dtype(a.device, a.dtype)
-    cfg = FLUX_TRANSFORMER if a.tiny else FLUX1_DEV
-    H, W = a.height or (32 if a.tiny else 512), a.width or (32 if a.tiny else 512)
-    L = a.text_len or (16 if a.tiny else 512)
-    vf = 2 if a.tiny else VAE_FACTOR
-    if H % (2 * vf) or W % (2 * vf):
-        print(f"error: height and width must be multiples of {2 * vf}", file=sys.stderr)
-        sys.exit(2)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
-
+    cfg, H, W, L, vf = flux_setup(a)
     t_build = time.perf_counter()
     net = build(cfg, device, dtype)
     n_params = sum(p.numel() for p in net.parameters())
