@@ -109,9 +109,11 @@ PRESETS = {
     "toy2d": {"toy_teacher": "exact", "dmd_through": "all", "steps": 1500, "epochs": 300, "lr": 2e-4, "fake_lr": 1e-3,
               "advantage": "raw", "beta": 0.5,
               "lr2": 1e-4, "weight_decay2": 0.0, "fake_updates2": 5},
+    # dit: the paper's mode (per-reward advantages). The raw-beta tilt check (results/rtdmd_dit.py) passes
+    # --advantage raw --beta 2 --dmd-through all itself: at image dimension that mode collapses (results/rtdmd_dit.md)
     "dit": {"steps": 300, "epochs": 60, "batch": 32, "lr": 1e-4, "fake_lr": 3e-4, "groups": 4, "group_size": 8,
-            "reward": "dit_color", "reward_opts": "color_target=red", "prompt_split": "open", "advantage": "raw",
-            "beta": 2.0, "dmd_through": "all", "lr2": 3e-5, "weight_decay2": 0.0, "cfg_scale": 2.0},
+            "reward": "dit_color", "reward_opts": "color_target=red", "prompt_split": "open",
+            "lr2": 3e-5, "weight_decay2": 0.0, "cfg_scale": 2.0},
     "sd3": {"batch": 9, "lr": 3e-5, "fake_lr": 3e-5, "cfg_scale": 4.5, "groups": 2, "group_size": 24,
             "reward": "clip:1,pickscore:1,hps:1", "steps": 15000, "epochs": 1000, "precision": "bf16"},
     "flux2": {"batch": 6, "lr": 1e-6, "fake_lr": 1e-6, "cfg_scale": 4.0, "groups": 4, "group_size": 24,

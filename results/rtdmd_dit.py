@@ -57,7 +57,8 @@ def main():
     s1, s2 = os.path.join(OUT, "stage1"), os.path.join(OUT, "stage2")
     s2g = os.path.join(OUT, "stage2_grpo")
     for out, args in ((s1, ["--stage", "1", "--steps", str(a.steps)]),
-                      (s2, ["--stage", "2", "--init", s1, "--epochs", str(a.epochs)]),
+                      (s2, ["--stage", "2", "--init", s1, "--epochs", str(a.epochs), "--advantage", "raw",
+                            "--beta", "2.0", "--dmd-through", "all"]),
                       (s2g, ["--stage", "2", "--init", s1, "--epochs", str(a.epochs), "--advantage", "grpo",
                              "--dmd-through", "last"])):
         if not os.path.exists(os.path.join(out, "summary.json")):
@@ -100,7 +101,8 @@ def main():
     cols = ATTRIBUTES["color"]
     lines = ["# RTDMD on the small DiT: the attribute-frequency check", "",
              f"Command: `HF_HUB_OFFLINE=1 .venv/bin/python results/rtdmd_dit.py --steps {a.steps} --epochs {a.epochs} "
-             f"--n {a.n}` (rtdmd.py dit preset: tiny DiT teacher, prompts('open') (colour left open), reward "
+             f"--n {a.n}` (rtdmd.py --teacher dit, its preset plus, in stage 2, the flags below: tiny DiT teacher, "
+             "prompts('open') (colour left open), reward "
              f"dit_color with color_target=red, --advantage raw --beta {beta}, DMD through the chain; one seed; "
              f"{a.n} samples per row, colour read from pixels).", "",
              f"r(colour) on ground-truth renders: {', '.join(f'{c} {float(v):.3f}' for c, v in zip(cols, r_val))}. "
