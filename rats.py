@@ -149,16 +149,17 @@ def evaluate(backend, net, reward, ev, sigmas, cfg: Config) -> tuple[dict, torch
     return {"reward": float(reward.combine(means[None])[0]), **{f"reward_{n}": scores[n] for n in reward.names}}, lat
 
 
-def point_metrics(backend, net, base, sig_S, sig_T, ev, lat, cfg: Config) -> dict:
+def point_metrics(backend, net, base, sig_S, sig_T, ev, lat, cfg: Config, teacher_lat=None) -> dict:
     """2-D worlds only (decode = the points): KL(student K steps || base teacher N steps), both deterministic,
-    densities by change of variables (toy.metrics.kl_sampler), the MMD to the teacher's samples and the spread."""
+    densities by change of variables (toy.metrics.kl_sampler), the MMD to the teacher's samples and the spread.
+    teacher_lat: the base teacher's N-step samples of the same eval noise when already computed (not sampled again)."""
     from toy.metrics import kl_sampler, mmd
     _, cond, noise = ev
     n = min(cfg.eval_size, 512)  # the teacher's density needs N Newton inversions per point: keep it small
     cond = cond.select(slice(0, n))
     kl = kl_sampler(backend.velocity_fn(net, cond), sig_S, backend.velocity_fn(base, cond), n,
                     teacher_sigmas=sig_T, z=noise[:n])
-    teacher_x = sample_final(backend, base, cond, noise[:n], sig_T)
+    teacher_x = teacher_lat[:n] if teacher_lat is not None else sample_final(backend, base, cond, noise[:n], sig_T)
     return {"kl_student_teacher": kl["kl"], "kl_stderr": kl["stderr"], "kl_converged": kl["converged"],
             "mmd_student_teacher": mmd(lat[:n].float(), teacher_x.float()),
             "spread": float(lat.float().std(0).mean())}
@@ -256,7 +257,7 @@ def main(cfg: Config) -> dict:
         summary["dist_to_teacher_init"] = float(shaping_distance(lat0, lat_T0).mean())
         if backend.media == "points":
             summary.update({f"{k}_init": v for k, v in
-                            point_metrics(backend, net, base, sig_S, sig_T, ev, lat0, cfg).items()})
+                            point_metrics(backend, net, base, sig_S, sig_T, ev, lat0, cfg, lat_T0).items()})
         net.train()
 
     def snapshot():
@@ -355,7 +356,7 @@ def final_eval(backend, net, teacher, base, reward, ev, sig_S, sig_T, cfg: Confi
         sig_k = backend.sigmas(k, cfg.shift)
         out[f"reward_student_nfe{k}"] = evaluate(backend, net, reward, ev, sig_k, cfg)[0]["reward"]
     if backend.media == "points":
-        out.update(point_metrics(backend, net, base, sig_S, sig_T, ev, lat, cfg))
+        out.update(point_metrics(backend, net, base, sig_S, sig_T, ev, lat, cfg, lat_T0))
     return out
 
 
