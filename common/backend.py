@@ -19,6 +19,7 @@ that `--teacher toy2d` never imports diffusers.
 """
 from __future__ import annotations
 
+import abc
 import collections
 import contextlib
 import copy
@@ -96,7 +97,7 @@ class Cond(dict):
         return Cond(out, prompts, first.shared)
 
 
-class Backend:
+class Backend(abc.ABC):
     """Base class of every model family. Subclasses fill in the marked methods.
 
     Attributes set by subclasses:
@@ -138,21 +139,21 @@ class Backend:
             cls.velocity = counted
 
     # ----- to implement -------------------------------------------------------------------------------
+    @abc.abstractmethod
     def encode(self, prompts: Sequence[str] | torch.Tensor) -> Cond:
         """Encode prompts (or class labels for the toy) once into a Cond with batch dimension len(prompts)."""
-        raise NotImplementedError(f"{type(self).__name__}.encode")
 
+    @abc.abstractmethod
     def velocity(self, net: nn.Module, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond,
                  guidance: float | None = None) -> torch.Tensor:
         """v(x, sigma | cond), float32, same shape as x. sigma: scalar or (B,). guidance None = self.guidance.
 
         Classifier-free guidance (where the family uses it): v = v_u + g (v_c - v_u), computed in one batched pass.
         """
-        raise NotImplementedError(f"{type(self).__name__}.velocity")
 
+    @abc.abstractmethod
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Latents -> what a reward sees. Differentiable (no torch.no_grad inside): methods back-propagate rewards."""
-        raise NotImplementedError(f"{type(self).__name__}.decode")
 
     # ----- defaults that most families keep -----------------------------------------------------------
     def prompts(self, split: str = "train") -> list[str]:

@@ -35,6 +35,7 @@ normalise), so gradients reach the pixels.
 """
 from __future__ import annotations
 
+import abc
 import functools
 import json
 import logging
@@ -233,8 +234,9 @@ class ImageModelReward(Reward):
     differentiable = True
     frames = 4
 
+    @abc.abstractmethod
     def score_images(self, images: torch.Tensor, prompts: Sequence[str] | None) -> torch.Tensor:
-        raise NotImplementedError(type(self).__name__)
+        """(B,) scores of images (B, 3, H, W) in [0, 1] on the training scale."""
 
     def score(self, media, prompts=None):
         if media.ndim == 5:

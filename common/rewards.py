@@ -22,6 +22,7 @@ every factory takes tiny=True for a tiny random model of the same architecture (
 """
 from __future__ import annotations
 
+import abc
 import importlib
 import inspect
 from typing import Any, Callable, Sequence
@@ -40,7 +41,7 @@ class RewardWeightsMissing(RewardError, FileNotFoundError):
 FRAMES_PREFIX = "frames:"
 
 
-class Reward:
+class Reward(abc.ABC):
     """Base class. Subclasses set `names` (objective names), `differentiable`, `media`, and implement score().
 
     `table_scale` (one float per objective) maps the training scale to the papers' table scale."""
@@ -49,9 +50,9 @@ class Reward:
     differentiable: bool = True
     media: str = "any"  # "points" | "image" | "video" | "any"
 
+    @abc.abstractmethod
     def score(self, media: torch.Tensor, prompts: Sequence[str] | None = None) -> torch.Tensor:
         """(B, M) float32 rewards on the training scale."""
-        raise NotImplementedError(type(self).__name__)
 
     def __call__(self, media: torch.Tensor, prompts: Sequence[str] | None = None) -> torch.Tensor:
         out = self.score(media, prompts)

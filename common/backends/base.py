@@ -27,6 +27,7 @@ Design choices (documented here once):
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import os
 import shutil
@@ -257,9 +258,9 @@ class DiffusersBackend(Backend):
         return int(getattr(self.pipe, "vae_scale_factor", 8)) * 2
 
     # ----- text embeddings --------------------------------------------------------------------------
+    @abc.abstractmethod
     def _encode_batch(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """The family's text encoding of distinct prompts: name -> (n, ...) tensor (no gradients)."""
-        raise NotImplementedError(f"{type(self).__name__}._encode_batch")
 
     @torch.no_grad()
     def _encode_cached(self, prompts: list[str]) -> None:
