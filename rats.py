@@ -35,6 +35,7 @@ Launch:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -75,6 +76,9 @@ class Config(RunConfig):
     weight_decay: float = opt(0.0, "AdamW weight decay", min=0)
     max_grad_norm: float = opt(1.0, "gradient-norm clip (0 = off)", min=0)
     ema_decay: float = opt(0.995, "teacher EMA decay mu (1.0 = frozen teacher)", min=0, max=1)
+    teacher_copy: Literal["full", "swap"] = opt("full", "EMA teacher storage: full = a frozen copy of the network; "
+                                                "swap = only the averaged trained tensors, swapped into the student "
+                                                "for the teacher's no-grad calls (saves a model copy: ~24 GB on FLUX)")
     alpha: float = opt(1.0, "shaping weight alpha", min=0)
     lambda_r: float = opt(1.0, "reward weight lambda_r (0 = distillation only)", min=0)
     lambda_cos: float = opt(1.0, "weight of 1 - cos in the shaping distance", min=0)
@@ -168,16 +172,35 @@ def point_metrics(backend, net, base, sig_S, sig_T, ev, lat, cfg: Config, teache
 # ------------------------------------------------------------------------------------------------------------
 # Main
 # ------------------------------------------------------------------------------------------------------------
-def make_teacher(backend, net, decay: float):
+def make_teacher(backend, net, decay: float, copy: str = "full"):
     """The EMA teacher: a frozen copy of the student (no gradients, not in any optimizer) whose copies of the
     trained tensors (all weights, or the LoRA ones) are the EMA shadow: theta_T <- mu theta_T + (1 - mu) theta_S.
-    Returns (teacher, ema, the student's trainable parameters)."""
-    teacher = backend.frozen_copy(net)
+    copy = "swap": no second network; the EMA keeps its own copies of the trained tensors only, and as_teacher()
+    swaps them into the student for the teacher's calls. Returns (teacher, ema, the student's trainable parameters)."""
     params = backend.trainable_parameters(net)
+    if copy == "swap":
+        return net, EMA(params, decay=decay), params
+    teacher = backend.frozen_copy(net)
     name_of = {id(p): n for n, p in net.named_parameters()}
     t_params = dict(teacher.named_parameters())
     names = [name_of[id(p)] for p in params]
     return teacher, EMA(params, decay=decay, shadow=[t_params[n] for n in names]), params
+
+
+@contextlib.contextmanager
+def teacher_weights(net, ema: EMA, swap: bool):
+    """The block runs the EMA teacher. With a separate teacher copy nothing changes; with --teacher-copy swap the
+    EMA averages are copied into the student's trained tensors (no_grad: no student graph may be alive) and the
+    trained values come back afterwards; network calls inside count as the teacher's."""
+    if not swap:
+        yield
+        return
+    role, net.nfe_role = getattr(net, "nfe_role", "student"), "teacher"
+    try:
+        with torch.no_grad(), ema.swapped():
+            yield
+    finally:
+        net.nfe_role = role
 
 
 def build_backend(cfg: Config, device):
@@ -211,8 +234,10 @@ def main(cfg: Config) -> dict:
         raise ConfigError(f"--reward {cfg.reward}: RATS back-propagates the reward, this one is not differentiable")
     net = backend.network                                       # the student: the base weights, trained
     net.train()
-    teacher, ema, params = make_teacher(backend, net, cfg.ema_decay)
-    net.nfe_role, teacher.nfe_role = "student", "teacher"     # Backend counts network calls per role
+    teacher, ema, params = make_teacher(backend, net, cfg.ema_decay, cfg.teacher_copy)
+    teacher.nfe_role = "teacher"      # Backend counts network calls per role; with --teacher-copy swap the teacher
+    net.nfe_role = "student"          # is the student module itself, and teacher_weights() relabels its calls
+    as_teacher = lambda: teacher_weights(net, ema, cfg.teacher_copy == "swap")
     # The untouched base for the 2-D density metrics (elsewhere the teacher is scored before the first update).
     base = backend.frozen_copy(net) if backend.media == "points" else None
     opt_ = make_optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -231,11 +256,12 @@ def main(cfg: Config) -> dict:
     run = None if cfg.eval_only else Run(cfg, "rats", device=device,
                                          show=["r_student", "r_teacher", "gate_mean", "shape_loss"])
     if cfg.eval_only:
-        net.load_state_dict(ckpt["state"]["net"], strict=False)
         net.eval()
-        ev_T, lat_T0 = evaluate(backend, teacher, reward, ev, sig_T, cfg)   # a fresh copy: the base teacher
+        with as_teacher():
+            ev_T, lat_T0 = evaluate(backend, teacher, reward, ev, sig_T, cfg)   # before loading: the base teacher
+        net.load_state_dict(ckpt["state"]["net"], strict=False)
         out = {"reward_teacher": ev_T["reward"], **final_eval(backend, net, teacher, base, reward, ev, sig_S, sig_T,
-                                                               cfg, lat_T0)}
+                                                               cfg, lat_T0, as_teacher=as_teacher)}
         out.pop("reward_teacher_ema")  # a fresh teacher copy here: it is the base teacher
         print(json.dumps(out, indent=2))
         return out
@@ -250,7 +276,8 @@ def main(cfg: Config) -> dict:
         summary.update(state["summary"])
     elif is_main():  # before any update: the base teacher at N steps and the untrained student at K steps
         net.eval()
-        ev_T, lat_T0 = evaluate(backend, teacher, reward, ev, sig_T, cfg)
+        with as_teacher():
+            ev_T, lat_T0 = evaluate(backend, teacher, reward, ev, sig_T, cfg)
         summary["reward_teacher"] = ev_T["reward"]
         ev0, lat0 = evaluate(backend, net, reward, ev, sig_S, cfg)
         summary["reward_student_init"] = ev0["reward"]
@@ -276,7 +303,7 @@ def main(cfg: Config) -> dict:
                 prompts = [train_prompts[i] for i in torch.randint(len(train_prompts), (B,)).tolist()]
                 cond = backend.encode(prompts)
                 eps = backend.noise(B)
-                with torch.no_grad(), autocast(cfg.precision, device):
+                with torch.no_grad(), as_teacher(), autocast(cfg.precision, device):
                     traj_T = rollout(backend.velocity_fn(teacher, cond, cfg.guidance), eps, sig_T)
                 vf = backend.velocity_fn(net, cond, cfg.guidance)
                 if cfg.detach_inputs:
@@ -326,7 +353,8 @@ def main(cfg: Config) -> dict:
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and is_main():
                 net.eval()
                 row["eval_reward_student"] = evaluate(backend, net, reward, ev, sig_S, cfg)[0]["reward"]
-                row["eval_reward_teacher_ema"] = evaluate(backend, teacher, reward, ev, sig_T, cfg)[0]["reward"]
+                with as_teacher():
+                    row["eval_reward_teacher_ema"] = evaluate(backend, teacher, reward, ev, sig_T, cfg)[0]["reward"]
                 net.train()
             run.log(step + 1, grad_norm=gn, **row)
             # ---- eval and save ----
@@ -334,13 +362,14 @@ def main(cfg: Config) -> dict:
                 run.save(step + 1, snapshot())
     net.eval()
     if is_main():
-        summary.update(final_eval(backend, net, teacher, base, reward, ev, sig_S, sig_T, cfg, lat_T0, run.out))
+        summary.update(final_eval(backend, net, teacher, base, reward, ev, sig_S, sig_T, cfg, lat_T0, run.out,
+                                  as_teacher))
     run.finish(summary, state=snapshot())
     return summary
 
 
 def final_eval(backend, net, teacher, base, reward, ev, sig_S, sig_T, cfg: Config, lat_T0=None,
-               save_dir: str | None = None) -> dict:
+               save_dir: str | None = None, as_teacher=contextlib.nullcontext) -> dict:
     """reward_student (K steps, after training), reward_teacher_ema (the EMA teacher, N steps), the extra
     budgets --eval-nfe, dist_to_teacher (the shaping distance (1 - cos) + MSE between the student's K-step and
     the base teacher's N-step outputs from the same noise: drift and collapse show here on every backend), and
@@ -351,7 +380,8 @@ def final_eval(backend, net, teacher, base, reward, ev, sig_S, sig_T, cfg: Confi
     out = {"reward_student": ev_S["reward"], **{f"{k}_student": v for k, v in ev_S.items() if k != "reward"}}
     if lat_T0 is not None:
         out["dist_to_teacher"] = float(shaping_distance(lat, lat_T0).mean())
-    out["reward_teacher_ema"] = evaluate(backend, teacher, reward, ev, sig_T, cfg)[0]["reward"]
+    with as_teacher():
+        out["reward_teacher_ema"] = evaluate(backend, teacher, reward, ev, sig_T, cfg)[0]["reward"]
     for k in cfg.eval_nfe:
         sig_k = backend.sigmas(k, cfg.shift)
         out[f"reward_student_nfe{k}"] = evaluate(backend, net, reward, ev, sig_k, cfg)[0]["reward"]
