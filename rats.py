@@ -116,6 +116,8 @@ PRESETS = {
     "flux2": {"nfe": 4, "batch_size": 1, "grad_accum": 8, "lr": 1e-4, "reward": "hps", "steps": 400,
               "precision": "bf16", "eval_size": 64, "eval_batch": 4},
 }
+for _family in ("flux", "wan", "sd3", "flux2"):   # LoRA backends: no second transformer for the EMA teacher
+    PRESETS[_family]["teacher_copy"] = "swap"
 
 
 def checks(cfg: Config) -> str | None:
