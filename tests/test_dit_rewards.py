@@ -10,13 +10,7 @@ from toy import shapes as S
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one thread avoids oversubscription on shared CPUs; restored for the other test modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 GEN = lambda s=0: torch.Generator().manual_seed(s)
 
 
