@@ -212,6 +212,9 @@ class DiffusersBackend(Backend):
         local = os.path.isdir(pretrained)
         if not local and (os.path.sep in pretrained and not pretrained.count("/") == 1 or pretrained.startswith(".")):
             raise BackendError(f"--pretrained {pretrained!r}: no such folder")
+        verbosity = dlog.get_verbosity()
+        if not local:   # a missing download is our one line below, not diffusers' "Couldn't connect ..." warnings
+            dlog.set_verbosity_error()
         try:
             pipe = cls.from_pretrained(pretrained, dtype=dtype)
         except (OSError, ValueError, EnvironmentError) as e:
@@ -222,6 +225,8 @@ class DiffusersBackend(Backend):
                 f"cannot load {self.name} weights from {where} {pretrained!r} ({why}): download them with "
                 f"`huggingface-cli download {self.default_pretrained} --local-dir DIR`{self.download_hint} and pass "
                 f"--pretrained DIR") from None
+        finally:
+            dlog.set_verbosity(verbosity)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
