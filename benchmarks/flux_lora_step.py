@@ -78,28 +78,41 @@ def flux_setup(a):
     return cfg, H, W, L, vae_factor
 
 
+def build_lora(cfg: dict, device, dtype, rank: int, adapters=("default",), checkpointing: bool = True):
+    """build() plus LoRA adapters on FluxBackend's targets, float32 on a bf16 base as FluxBackend does, with
+    gradient checkpointing; only the first adapter trains. Returns (net, the base's parameter count, its LoRA
+    parameters)."""
+    from peft import LoraConfig
+
+    from common.backends.flux import FluxBackend
+    net = build(cfg, device, dtype)
+    n_params = sum(p.numel() for p in net.parameters())
+    net.requires_grad_(False)
+    for name in adapters:
+        net.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                   target_modules=list(FluxBackend.lora_targets)), adapter_name=name)
+    net.set_adapter(adapters[0])
+    for n, p in net.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.float()
+    lora = [p for n, p in net.named_parameters() if "lora_" in n and f".{adapters[0]}." in n]
+    for p in lora:
+        p.requires_grad_(True)
+    if checkpointing:
+        net.enable_gradient_checkpointing()
+    return net.train(), n_params, lora
+
+
 def main(argv=None) -> dict:
     a = parse(argv)
-    from common.backends.flux import FluxBackend, image_ids
+    from common.backends.flux import image_ids
     if a.steps < 1 or a.batch < 1:
         print("error: --steps and --batch must be >= 1", file=sys.stderr)
         sys.exit(2)
     device, dtype = device_and_dtype(a.device, a.dtype)
     cfg, H, W, L, vae_factor = flux_setup(a)
     t_build = time.perf_counter()
-    net = build(cfg, device, dtype)
-    n_params = sum(p.numel() for p in net.parameters())
-    net.requires_grad_(False)
-    from peft import LoraConfig
-    net.add_adapter(LoraConfig(r=a.lora_rank, lora_alpha=a.lora_rank, init_lora_weights="gaussian",
-                               target_modules=list(FluxBackend.lora_targets)))
-    lora = [p for n, p in net.named_parameters() if "lora_" in n]
-    for p in lora:                                # float32 adapter on a bf16 base, as FluxBackend does
-        p.data = p.data.float()
-        p.requires_grad_(True)
-    if not a.no_checkpointing:
-        net.enable_gradient_checkpointing()
-    net.train()
+    net, n_params, lora = build_lora(cfg, device, dtype, a.lora_rank, checkpointing=not a.no_checkpointing)
     opt = torch.optim.AdamW(lora, lr=1e-4)
     t_build = time.perf_counter() - t_build
 

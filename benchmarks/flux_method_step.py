@@ -68,8 +68,8 @@ def parse(argv=None):
 
 def main(argv=None) -> dict:
     a = parse(argv)
-    from benchmarks.flux_lora_step import build, flux_setup
-    from common.backends.flux import FluxBackend, image_ids
+    from benchmarks.flux_lora_step import build_lora, flux_setup
+    from common.backends.flux import image_ids
     from common.flow import flux_mu, make_sigmas, rollout, transition_logprob
     from common.rl import clipped_surrogate
     from common.shaping import match_horizons, shaping_loss
@@ -83,24 +83,8 @@ def main(argv=None) -> dict:
     device, dtype = device_and_dtype(a.device, a.dtype)
     cfg, H, W, L, vf = flux_setup(a)
     t_build = time.perf_counter()
-    net = build(cfg, device, dtype)
-    n_params = sum(p.numel() for p in net.parameters())
-    net.requires_grad_(False)
-    from peft import LoraConfig
-    lcfg = dict(r=a.lora_rank, lora_alpha=a.lora_rank, init_lora_weights="gaussian",
-                target_modules=list(FluxBackend.lora_targets))
-    net.add_adapter(LoraConfig(**lcfg), adapter_name="default")
-    if a.method == "rats" and a.teacher_copy == "adapter":
-        net.add_adapter(LoraConfig(**lcfg), adapter_name="ema")
-        net.set_adapter("default")
-    lora = [p for n, p in net.named_parameters() if "lora_" in n and ".default." in n]
-    for p in [p for n, p in net.named_parameters() if "lora_" in n]:   # float32 adapters on a bf16 base
-        p.data = p.data.float()
-    for p in lora:
-        p.requires_grad_(True)
-    if not a.no_checkpointing:
-        net.enable_gradient_checkpointing()
-    net.train()
+    adapters = ("default", "ema") if a.method == "rats" and a.teacher_copy == "adapter" else ("default",)
+    net, n_params, lora = build_lora(cfg, device, dtype, a.lora_rank, adapters, not a.no_checkpointing)
     opt = torch.optim.AdamW(lora, lr=1e-4)
     teacher, ema_pairs = None, []
     if a.method == "rats":
