@@ -24,6 +24,17 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def restore_torch_globals():
+    """The scripts set process-wide torch state (one CPU thread, deterministic kernels, grad mode): give the
+    following tests theirs back."""
+    threads, det, grad = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.is_grad_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(det)
+    torch.set_grad_enabled(grad)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

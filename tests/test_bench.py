@@ -6,17 +6,11 @@ import collections
 import json
 
 import pytest
-import torch
 
 from benchmarks.harness import cli, expected_calls, measure
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    threads, grad = torch.get_num_threads(), torch.is_grad_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.set_grad_enabled(grad)
+pytestmark = pytest.mark.usefixtures("restore_torch_globals")   # tests/conftest.py
 
 
 def _one(records, phase="train"):

@@ -17,13 +17,7 @@ from common.runs import load_checkpoint  # noqa: E402
 TOY = ["--teacher", "toy2d", "--batch-size", "16", "--eval-size", "8", "--eval-batch", "8", "--teacher-nfe", "6"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    """rats.main sets one CPU thread and deterministic kernels for the process: give other tests theirs back."""
-    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(det)
+pytestmark = pytest.mark.usefixtures("restore_torch_globals")   # tests/conftest.py
 
 
 def _run(tmp_path, *argv):
