@@ -142,63 +142,45 @@ def rtdmd_section(results) -> tuple[str, list[dict]]:
 
 
 def plot_curves(out_dir: str, by_method: dict) -> list[str]:
+    """Training curves from each run's metrics.jsonl (toy.plots.plot_curves), one PNG per method."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from toy.plots import plot_curves as curves, save_figure
     made = []
-
-    def series(metrics, key):
-        pts = [(m["step"], m[key]) for m in metrics if isinstance(m.get(key), (int, float))]
-        return ([p[0] for p in pts], [p[1] for p in pts]) if pts else None
-
     if by_method.get("rats"):
         fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
         for label, _, out, _, _ in by_method["rats"]:
             m = read_metrics(out)
-            for key, ls in (("r_student", "-"), ("r_teacher", ":")):
-                s = series(m, key)
-                if s:
-                    ax[0].plot(*s, ls, label=f"{label}: {'R_S' if key == 'r_student' else 'R_T'}")
-            s = series(m, "gate_mean")
-            if s:
-                ax[1].plot(*s, label=label)
-        ax[0].set(title="RATS rewards (student -, teacher :)", xlabel="step")
-        ax[1].set(title="gate mean w", xlabel="step", ylim=(-0.05, 1.05))
-        ax[0].legend(fontsize=6)
-        ax[1].legend(fontsize=7)
-        made.append(_save(fig, out_dir, "rats_curves.png"))
+            curves(m, ["r_student", "r_teacher"], ax=ax[0], labels=[f"{label}: R_S", f"{label}: R_T"])
+            curves(m, "gate_mean", ax=ax[1], labels=[label])
+        ax[0].set_title("RATS rewards: student R_S and teacher R_T", fontsize=9)
+        ax[1].set(title="gate mean w", ylim=(-0.05, 1.05))
+        made.append(str(save_figure(fig, os.path.join(out_dir, "rats_curves.png"))))
     if by_method.get("otca"):
         fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
         for label, _, out, summ, _ in by_method["otca"]:
-            m = read_metrics(out)
-            for o in summ.get("objectives", []):
-                s = series(m, f"r_{o}")
-                if s:
-                    ax[0].plot(*s, label=f"{label}: {o}")
-            credit = summ.get("credit_per_step")
-            if credit:
-                ax[1].plot(range(len(credit)), credit, "o-", label=label)
-        ax[0].set(title="OTCA per-objective rewards (training batches)", xlabel="step")
+            objs = summ.get("objectives", [])
+            curves(read_metrics(out), [f"r_{o}" for o in objs], ax=ax[0], labels=[f"{label}: {o}" for o in objs])
+            credit = summ.get("credit_per_step") or []
+            curves([{"t": t, "credit": c} for t, c in enumerate(credit)], "credit", x="t", ax=ax[1], labels=[label])
+        ax[0].set_title("OTCA per-objective rewards (training batches)", fontsize=9)
         ax[1].set(title="mean step credit", xlabel="step t (0 = pure noise)")
-        ax[0].legend(fontsize=6)
-        ax[1].legend(fontsize=7)
-        made.append(_save(fig, out_dir, "otca_curves.png"))
+        made.append(str(save_figure(fig, os.path.join(out_dir, "otca_curves.png"))))
     if by_method.get("rtdmd"):
         fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
         for label, _, out, _, _ in by_method["rtdmd"]:
             m = read_metrics(out)
-            for i, key in enumerate(("eval_reward", "eval_kl_hist_tilted")):
-                s = series(m, key)
-                if s:
-                    ax[i].plot(*s, "o-", label=label)
+            curves(m, "eval_reward", ax=ax[0], labels=[label])
+            curves(m, "eval_kl_hist_tilted", ax=ax[1], labels=[label])
         reward_tilted = by_method["rtdmd"][0][3].get("reward_tilted")
         if isinstance(reward_tilted, (int, float)):
             ax[0].axhline(reward_tilted, color="k", ls="--", label="E_tilt[r] (closed form)")
-        ax[0].set(title="RTDMD held-out reward", xlabel="step")
-        ax[1].set(title="RTDMD KL to the tilted target (histogram)", xlabel="step")
-        for a in ax:
-            a.legend(fontsize=6)
-        made.append(_save(fig, out_dir, "rtdmd_curves.png"))
+            ax[0].legend(fontsize=7)
+        ax[0].set_title("RTDMD held-out reward", fontsize=9)
+        ax[1].set_title("RTDMD KL to the tilted target (histogram)", fontsize=9)
+        made.append(str(save_figure(fig, os.path.join(out_dir, "rtdmd_curves.png"))))
     return made
 
 
@@ -223,15 +205,6 @@ def plot_samples(out_dir: str, results: list) -> str | None:
             logp = tgt.log_prob
         scatter(x[:2000].float(), ax=ax, logp=logp, title=title)
     return str(save_figure(fig, os.path.join(out_dir, "samples.png")))
-
-
-def _save(fig, out_dir, name):
-    path = os.path.join(out_dir, name)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-    plt.close(fig)
-    return path
 
 
 def main(argv=None) -> int:
