@@ -48,6 +48,7 @@ from common.config import ConfigError, RunConfig, opt, parse_config, user_errors
 from common.dist import all_gather_cat, init_distributed, is_dist, is_main, world_size
 from common.evaluate import held_out, sample_final, save_samples, score_summary
 from common.flow import rollout
+from common.prompts import load_prompts
 from common.rewards import build_reward
 from common.runs import Run, load_checkpoint
 from common.shaping import GapNormalizer, match_horizons, rats_loss, reward_gate, shaping_distance, shaping_loss
@@ -252,7 +253,7 @@ def main(cfg: Config) -> dict:
     else:                   # states after each step: student levels 1..K against teacher levels 0..N
         index = j[1:]
     horizons = torch.arange(1 if cfg.skip_first_horizon else 0, cfg.nfe, device=device)
-    train_prompts = _read_prompts(cfg.prompts) if cfg.prompts else backend.prompts("train")
+    train_prompts = load_prompts(cfg.prompts) if cfg.prompts not in ("", "builtin") else backend.prompts("train")
     ev = eval_set(backend, cfg)
 
     run = None if cfg.eval_only else Run(cfg, "rats", device=device,
@@ -408,14 +409,6 @@ def average_gradients(params) -> None:
 def detached_inputs(vf):
     """(x, sigma) -> v with the input detached: --detach-inputs, local instead of trajectory shaping."""
     return lambda x, sigma: vf(x.detach(), sigma)
-
-
-def _read_prompts(path: str) -> list[str]:
-    with open(path) as fh:
-        lines = [ln.strip() for ln in fh if ln.strip()]
-    if not lines:
-        raise ConfigError(f"--prompts {path}: the file holds no prompt")
-    return lines
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ from common.dmd import (ambient_fake_loss, ambient_forward, ambient_target, ambi
                         subgrpo_steps)
 from common.evaluate import save_samples
 from common.flow import make_sigmas, rollout, transition_logprob
+from common.prompts import load_prompts
 from common.rewards import build_reward
 from common.rl import clip_fraction, clipped_surrogate
 from common.runs import Run
@@ -80,6 +81,7 @@ class Config(RunConfig):
     reward: str = opt("toy_linear", "reward spec, e.g. toy_linear or clip:1,pickscore:1,hps:1")
     reward_opts: str = opt("", "extra reward-factory options k=v,k=v (e.g. color_target=red on the small DiT)")
     prompt_split: str = opt("train", "the backend's built-in prompt list (dit: train | eval | open)")
+    prompts: str = opt("", "training prompt file (.txt/.json/.jsonl/.csv; '' = the built-in --prompt-split list)")
     groups: int = opt(16, "groups (prompts) per epoch", min=1)
     group_size: int = opt(16, "samples per group (K-repeat)", min=2)
     sub_steps: int = opt(2, "SubGRPO: stochastic steps trained per epoch (= #stochastic: full GRPO)", min=1)
@@ -215,7 +217,7 @@ def main(cfg: Config):
     # the family grid linspace(1, 1/K, K) IS the raw grid [1000, 750, 500, 250] for K = 4, with any dynamic shift
     sigmas = backend.sigmas(K) if uniform else make_sigmas(K, shift=backend.shift, timesteps=cfg.timesteps).to(dev)
     stochastic = list(range(K - 1))
-    prompts_all = backend.prompts(cfg.prompt_split)
+    prompts_all = load_prompts(cfg.prompts) if cfg.prompts not in ("", "builtin") else backend.prompts(cfg.prompt_split)
     logprob = {"auto": "gaussian" if cfg.advantage == "raw" else "cps", "exact": "gaussian",
                "surrogate": "cps"}[cfg.logprob]
     reduce = "sum" if cfg.advantage == "raw" else "mean"   # raw: the exact log-density of the whole sample
