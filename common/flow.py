@@ -13,6 +13,7 @@ and both Flow-GRPO and DanceGRPO skip training it); its log-probability is repor
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -255,6 +256,11 @@ class Trajectory:
         return self.states.shape[1] - 1
 
 
+def _f32(v: float) -> float:
+    """v rounded to float32, as a python float (host arithmetic that matches float32 tensor arithmetic)."""
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
 def _grad_steps(grad: str | int, K: int) -> set[int]:
     if grad == "none":
         return set()
@@ -264,22 +270,30 @@ def _grad_steps(grad: str | int, K: int) -> set[int]:
         return {K - 1}
     if isinstance(grad, int):
         return set(range(max(0, K - grad), K))
-    raise ValueError(f"grad must be 'none', 'all', 'last' or an int, got {grad!r}")
+    if isinstance(grad, (set, frozenset, list, tuple)):
+        return {int(k) for k in grad}
+    raise ValueError(f"grad must be 'none', 'all', 'last', an int or a set of step indices, got {grad!r}")
 
 
 def rollout(velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
             sigmas: torch.Tensor, kind: str = "euler", noise_level: float = 0.0, grad: str | int = "none",
             stop: int | None = None, noises: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
             generator: torch.Generator | None = None, logprob: str = "gaussian", reduce: str = "mean",
-            store_means: bool = False, sigma_max: float | None = None) -> Trajectory:
+            store_means: bool = False, sigma_max: float | None = None, detach_inputs: bool = False) -> Trajectory:
     """Run velocity_fn(x, sigma) over the grid `sigmas` ((K+1,), from 1 to 0) with one step kind.
 
     grad:  'none' (no graph), 'all' (every step), 'last' (only the last executed step keeps its graph: RTDMD's
-           random-stop rollouts), or an int k (the last k executed steps: RATS' truncated reward gradient).
+           random-stop rollouts), an int k (the last k executed steps: RATS' truncated reward gradient), or a set
+           of step indices (GRPO's trained steps).
     stop:  execute steps 0..stop only (stop < K); the trajectory then has stop + 1 steps.
     noises: (B, K, ...) tensor or a list of per-step tensors/None: caller-supplied draws (e.g. shared in a group).
     logprob: 'gaussian' (exact density) or 'cps' (the surrogate -(x' - mean)^2); reduce: 'mean' or 'sum'.
+    detach_inputs: every step's network input is detached, so a step with gradients has its graph through the
+           parameters only (the policy-gradient graph of GRPO: log pi(x_{k+1} | x_k) with x_k fixed), not the chain.
     sigma is passed to velocity_fn as a (B,) float32 tensor.
+    Deterministic steps (Euler, noise_level 0, or the step to sigma' = 0) take a short path: the update and the
+    x0-prediction with host scalars, and one shared zero tensor for their std / log-prob / noise records; the
+    values are bitwise those of sde_step (the loop's own cost matters where the network is small).
     """
     K_total = len(sigmas) - 1
     K = K_total if stop is None else stop + 1
@@ -291,22 +305,38 @@ def rollout(velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x
     with_grad = _grad_steps(grad, K)
     B = x.shape[0]
     states, x0s, stds, lps, used, means = [x], [], [], [], [], []
+    zero_b = zero_x = None   # shared records of the deterministic steps, allocated once
     cur = x
     for k in range(K):
         s = torch.full((B,), grid[k], device=x.device, dtype=torch.float32)
         stochastic = kind != "euler" and noise_level > 0 and grid[k + 1] > 0   # known on the host
         nk = None if noises is None else noises[k] if not torch.is_tensor(noises) else noises[:, k]
         with torch.set_grad_enabled(k in with_grad and torch.is_grad_enabled()):
-            inp = cur if k in with_grad else cur.detach()
+            inp = cur if (k in with_grad and not detach_inputs) else cur.detach()
             v = velocity_fn(inp, s).float()
-            if nk is None and stochastic:
+            xf = inp.float()
+            x0 = xf - grid[k] * v                  # x0_hat = x - sigma v (sigma exact in float32)
+            if not stochastic:
+                # x' = x - Delta v with Delta = sigma - sigma' rounded to float32 as sde_step's tensors do;
+                # at sigma' = 0 this is x0_hat itself
+                delta = _f32(_f32(grid[k]) - _f32(grid[k + 1]))
+                nxt = x0 if grid[k + 1] == 0.0 else xf - delta * v
+                if zero_b is None:
+                    zero_b, zero_x = torch.zeros(B, device=x.device), torch.zeros_like(nxt)
+                states.append(nxt)
+                x0s.append(x0)
+                stds.append(zero_b)
+                lps.append(zero_b)
+                used.append(zero_x)
+                if store_means:
+                    means.append(nxt)
+                cur = nxt
+                continue
+            if nk is None:
                 g_dev = generator.device if generator is not None else x.device
                 nk = torch.randn(x.shape, generator=generator, device=g_dev, dtype=torch.float32).to(x.device)
             nxt, mean, std = sde_step(inp, v, s, grid[k + 1], kind, noise_level, noise=nk, sigma_max=sigma_max)
-            x0 = velocity_to_x0(inp.float(), v, s)
-            if not stochastic:
-                lp = torch.zeros(B, device=x.device)
-            elif logprob == "gaussian":
+            if logprob == "gaussian":
                 lp = gaussian_logprob(nxt, mean, std, reduce)
             elif logprob == "cps":
                 lp = cps_logprob_surrogate(nxt, mean, reduce)
@@ -318,7 +348,7 @@ def rollout(velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x
         x0s.append(x0)
         stds.append(std_b)
         lps.append(lp)
-        used.append(nk.float() if (stochastic and nk is not None) else torch.zeros_like(nxt))
+        used.append(nk.float())
         if store_means:
             means.append(mean)
         cur = nxt

@@ -157,6 +157,56 @@ def test_rollout_record_shapes_grad_modes_and_shared_noise():
         rollout(vf, x, sig, "bogus", 0.3)
 
 
+@given(st.integers(0, 10_000), st.integers(1, 12), st.floats(0.5, 5.0), st.sampled_from(["euler", "cps", "dance"]),
+       st.sampled_from([0.0, 0.5]))
+def test_rollout_equals_stepping_sde_step_bitwise(seed, K, shift, kind, level):
+    # the rollout's short path for deterministic steps must give exactly sde_step's values, and its records
+    g = torch.Generator().manual_seed(seed)
+    x, noise = torch.randn(5, 3, generator=g), torch.randn(5, K, 3, generator=g)
+    vf = lambda z, s: torch.sin(3 * z) * (1 + s[:, None]) - z                  # any smooth field
+    sig = make_sigmas(K, shift)
+    tr = rollout(vf, x, sig, kind, level, noises=noise, store_means=True)
+    cur = x
+    for k in range(K):
+        s = torch.full((5,), float(sig[k]))
+        v = vf(cur, s)
+        nxt, mean, std = sde_step(cur, v, s, float(sig[k + 1]), kind, level, noise=noise[:, k])
+        stochastic = kind != "euler" and level > 0 and float(sig[k + 1]) > 0
+        assert torch.equal(tr.states[:, k + 1], nxt) and torch.equal(tr.means[:, k], mean)
+        assert torch.equal(tr.x0[:, k], velocity_to_x0(cur, v, s))
+        if not stochastic:
+            assert torch.equal(tr.stds[:, k], torch.zeros(5)) and torch.equal(tr.logprobs[:, k], torch.zeros(5))
+            assert torch.equal(tr.noises[:, k], torch.zeros(5, 3))
+        else:
+            assert torch.equal(tr.logprobs[:, k], gaussian_logprob(nxt, mean, std))
+        cur = nxt
+
+
+def test_rollout_detached_inputs_give_the_policy_gradient_graph():
+    # grad as a set of steps with detach_inputs: d/dw sum_k log pi(x_k+1 | x_k) with every x_k held fixed,
+    # which is the sum of transition_logprob's gradients at the recorded states
+    torch.manual_seed(1)
+    w = torch.nn.Parameter(torch.tensor(0.7))
+    vf = lambda x, s: w * x + s[:, None]
+    sig, x = make_sigmas(5), torch.randn(4, 3)
+    steps = {0, 2, 3}
+    tr = rollout(vf, x, sig, "flow_grpo", 0.7, grad=steps, detach_inputs=True)
+    g_fused = torch.autograd.grad(tr.logprobs.sum(), w)[0]
+    g_ref = torch.zeros(())
+    for k in sorted(steps):
+        lp, _, _ = transition_logprob(vf, tr.states[:, k].detach(), tr.states[:, k + 1].detach(), sig[k], sig[k + 1],
+                                      "flow_grpo", 0.7, sigma_max=float(sig[1]))
+        g_ref = g_ref + torch.autograd.grad(lp.sum(), w)[0]
+    assert torch.allclose(g_fused, g_ref, rtol=1e-5, atol=1e-6)
+    # a step outside the set has no graph; with detached inputs the log-prob of step 3 does not see steps 0..2
+    tr = rollout(vf, x, sig, "flow_grpo", 0.7, grad=steps, detach_inputs=True)
+    assert torch.autograd.grad(tr.logprobs[:, 1].sum(), w, allow_unused=True, retain_graph=True)[0] in (None, 0)
+    assert torch.autograd.grad(tr.states[:, 3].sum(), w, retain_graph=True)[0] != 0       # step 2's own call
+    fixed = torch.autograd.grad(tr.states[:, 4].sum(), w, retain_graph=True)[0]
+    chain = rollout(vf, x, sig, "flow_grpo", 0.7, grad="all", noises=tr.noises)
+    assert not torch.allclose(torch.autograd.grad(chain.states[:, 4].sum(), w)[0], fixed)  # the chain adds paths
+
+
 def _final_std(kind, level, K, n=40_000, m=1.5, s=0.5):
     g = torch.Generator().manual_seed(0)
     tr = rollout(gaussian_velocity(m, s), torch.randn(n, 1, generator=g), make_sigmas(K), kind, level, generator=g)
