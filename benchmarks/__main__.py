@@ -40,9 +40,9 @@ def method_flags(method: str, backend: str, quick: bool) -> list[str]:
         if backend == "dit":
             return ["--teacher", "dit", "--tiny", "--steps", str(n // 2 + 1), "--batch-size", "4",
                     "--teacher-nfe", "20", "--eval-size", "4", "--eval-batch", "4", "--device", "cpu"]
-        return ["--teacher", backend, "--tiny", "--steps", str(n // 2 + 1), "--reward", TINY_REWARD[method][backend],
+        return ["--teacher", backend, "--tiny", "--steps", str(n), "--reward", TINY_REWARD[method][backend],
                 "--nfe", "2", "--teacher-nfe", "8", "--batch-size", "1", "--grad-accum", "1", "--eval-size", "2",
-                "--eval-batch", "2", "--device", "cpu"]
+                "--eval-batch", "2", "--precision", "fp32", "--device", "cpu"]   # CPU: bf16 autocast only adds casts
     if method == "otca":
         if backend == "toy2d":
             return ["--steps", str(n), "--eval-samples", "64"]

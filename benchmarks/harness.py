@@ -11,7 +11,8 @@ One measurement = one call of a script's main(cfg) with the config its own parse
 
 Definitions (also in benchmarks/README.md):
   step time       metrics.jsonl's step_time (time between consecutive run.log calls) minus the time spent inside
-                  the wrapped evaluation functions during that step; the first step (which also pays for the
+                  the wrapped evaluation functions during that step and minus the instruments' own recording time
+                  (cloning each call's inputs for the replay); the first step (which also pays for the
                   initial evaluation and lazy initialisation) is excluded from the medians.
   NFE per step    network calls per (role, with_grad) between two run.log calls, evaluation excluded. A "call" is one
                   velocity() call on a batch; "sample evaluations" weight each call by its batch size.
@@ -19,10 +20,14 @@ Definitions (also in benchmarks/README.md):
                   backend's base network is "student" (the trained generator), a network with trainable parameters is
                   "fake" (RTDMD's fake score) and a frozen one is "teacher".
   overhead ratio  step time / replay time, where the replay re-issues the same step's recorded network calls (same
-                  networks, inputs, sigmas, conditions, grad mode; inputs requiring grad where they did) back to back
+                  networks, inputs, sigmas, conditions, grad and autocast mode; inputs requiring grad where they did)
+                  back to back
                   and runs one backward (cotangent ones) for each call made with gradients; median of `replays` repeats.
                   It is what the loop around the network costs: rollout arithmetic, rewards, losses, optimizer, EMA,
                   logging. A ratio near 1 means the step is all network.
+  loop overhead   step time / (replay time + the step's prompt encodings, decodes and reward calls replayed, with
+                  their backward where they ran with gradients): the cost of the loop alone, every network of the step
+                  (text encoders, VAE decoder, reward models) set apart.
   peak memory     peak resident set size of the process (ru_maxrss) on CPU, CUDA max_memory_allocated on a GPU, read
                   from metrics.jsonl; meaningful per case only when each case runs in its own process (the CLI does).
 """
@@ -68,6 +73,16 @@ class Call:
     sigma: Any = None
     cond: Any = None
     guidance: Any = None
+    autocast: tuple | None = None   # (device type, dtype) when the call ran under autocast: replayed under it too
+
+
+def _autocast_state(x) -> tuple | None:
+    dev = x.device.type if isinstance(x, torch.Tensor) else "cpu"
+    return (dev, torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else None
+
+
+def _autocast(state: tuple | None):
+    return torch.autocast(state[0], dtype=state[1]) if state else contextlib.nullcontext()
 
 
 @dataclass
@@ -84,6 +99,21 @@ class Recorder:
     backend_options: dict = field(default_factory=dict)
     decode_time: collections.Counter = field(default_factory=collections.Counter)  # step -> s in decode (training)
     reward_time: collections.Counter = field(default_factory=collections.Counter)  # step -> s in reward forwards
+    # step -> [(fn, args, grad, input requires grad)]: the decode and reward forwards of training, for their replay
+    aux_calls: collections.defaultdict = field(default_factory=lambda: collections.defaultdict(list))
+    # step -> seconds the instruments themselves spent recording (cloning inputs for the replay): not the loop's cost
+    instr_time: collections.Counter = field(default_factory=collections.Counter)
+
+    def keep_aux(self, fn, args: tuple, grad: bool) -> None:
+        """Record a decode / reward call (tensors cloned) so that the replay can re-run it with its backward."""
+        if self.keep_inputs and self.eval_depth == 0:
+            t0 = time.perf_counter()
+            first = args[0]
+            args = tuple(list(a) if isinstance(a, (list, tuple)) else a for a in args)  # prompts: a private copy
+            req = bool(grad and isinstance(first, torch.Tensor) and first.requires_grad)
+            self.aux_calls[self.step + 1].append((fn, tuple(_clone(a) for a in args), grad, req,
+                                                  _autocast_state(first)))
+            self.instr_time[self.step + 1] += time.perf_counter() - t0
 
     def role(self, net) -> str:
         if self.ref_depth > 0:
@@ -114,18 +144,23 @@ def _instrument_backend(backend, rec: Recorder) -> None:
     inner = type(backend).velocity   # the counted class method: backend.nfe keeps working
 
     def velocity(self, net, x, sigma, cond=None, guidance=None, *args, **kwargs):
+        t0 = time.perf_counter()
         grad = torch.is_grad_enabled()
         c = Call(role=rec.role(net), grad=grad, batch=int(x.shape[0]), step=rec.step + 1, eval=rec.eval_depth > 0)
         if rec.keep_inputs and not c.eval:
             c.net, c.x, c.x_requires_grad = net, _clone(x), bool(x.requires_grad and grad)
             c.sigma, c.cond, c.guidance = _clone(sigma), cond, guidance
+            c.autocast = _autocast_state(x)
         rec.calls.append(c)
+        if not c.eval:
+            rec.instr_time[c.step] += time.perf_counter() - t0
         return inner(self, net, x, sigma, cond, guidance, *args, **kwargs)
 
     backend.velocity = types.MethodType(velocity, backend)
     inner_decode = backend.decode   # bound; decode's backward (reward gradients) stays inside the step's backward
 
     def decode(x, *args, **kwargs):
+        rec.keep_aux(inner_decode, (x, *args), torch.is_grad_enabled())
         t0 = time.perf_counter()
         try:
             return inner_decode(x, *args, **kwargs)
@@ -134,6 +169,14 @@ def _instrument_backend(backend, rec: Recorder) -> None:
                 rec.decode_time[rec.step + 1] += time.perf_counter() - t0
 
     backend.decode = decode
+    inner_encode = backend.encode
+
+    def encode(prompts, *args, **kwargs):
+        rec.keep_aux(inner_encode, (prompts, *args), torch.is_grad_enabled())
+        return inner_encode(prompts, *args, **kwargs)
+
+    if backend.media != "points":   # text encoders are networks; the toy's encode is a label lookup (loop cost)
+        backend.encode = encode
     inner_reference = backend.reference
 
     @contextlib.contextmanager
@@ -167,6 +210,7 @@ def _time_module(reward, rec: Recorder) -> None:
         return
 
     def score(*a, **k):
+        rec.keep_aux(inner, a, torch.is_grad_enabled())
         t0 = time.perf_counter()
         try:
             return inner(*a, **k)
@@ -249,12 +293,13 @@ def expected_calls(method: str, cfg, row: dict, chunks: int = 1) -> collections.
            teacher calls without; x grad_accum.
     OTCA:  K rollout calls per forward chunk without grad; (K - 1) recomputations with grad per chunk and inner epoch
            (train_fraction 1: every non-final step; fewer chunks may skip a step when < 1: not predicted here).
-    RTDMD: stage 1: k_fake generator calls without grad (random stop), 1 fake call with grad (+2 with --gamma > 0:
-           the two-sample consistency hop, one call per sample); on a generator turn also k_gen - 1 generator calls
-           without grad, 1 with grad, 1 teacher and 1 fake call without grad. Stage 2: K generator calls without grad
-           (rollout), fake_updates2 x (1 + 2 [gamma > 0]) fake calls with grad, |S| + 1 generator calls with grad (the
-           trained SubGRPO steps and the deterministic last step; |S| + 1 + K with --dmd-through all, which also
-           re-runs the whole chain in the graph), 1 teacher and 1 fake call without grad.
+    RTDMD: stage 1: k_fake generator calls without grad (random stop), 1 fake call with grad (+1 with --gamma > 0:
+           the two consistency hop samples in one batched call); on a generator turn also k_gen - 1 generator calls
+           without grad, 1 with grad, 1 teacher and 1 fake call without grad. Stage 2: the K rollout calls are the
+           loss's own: with --dmd-through last the |S| trained SubGRPO steps and the deterministic last step with
+           grad (inputs detached), the K - |S| - 1 others without; with --dmd-through all all K with grad (the chain)
+           plus 1 batched call with grad at the fixed inputs of those |S| + 1 steps ((|S| + 1) B samples);
+           fake_updates2 x (1 + [gamma > 0]) fake calls with grad, 1 teacher and 1 fake call without grad.
     """
     e = collections.Counter()
     if method == "rats":
@@ -271,7 +316,7 @@ def expected_calls(method: str, cfg, row: dict, chunks: int = 1) -> collections.
         if cfg.beta_kl > 0:
             e[("reference", False)] += cfg.inner_epochs * chunks * (K - 1)
     elif method == "rtdmd":
-        cons = 2 if cfg.gamma > 0 else 0   # common.dmd.consistency_loss: two samples, one call each
+        cons = 1 if cfg.gamma > 0 else 0   # common.dmd.consistency_loss: its two samples in one batched call
         if row.get("stage") == 1:
             e[("student", False)] += int(row["k_fake"])
             e[("fake", True)] += 1 + cons
@@ -281,12 +326,16 @@ def expected_calls(method: str, cfg, row: dict, chunks: int = 1) -> collections.
                 e[("teacher", False)] += 1
                 e[("fake", False)] += 1
         else:
-            K = len(cfg.timesteps)
-            e[("student", False)] += K
+            K, S = len(cfg.timesteps), cfg.sub_steps
             e[("fake", True)] += cfg.fake_updates2 * (1 + cons)
-            # the trained SubGRPO steps, the deterministic last step (reward back-propagation, and the DMD term by
-            # default), and with --dmd-through all the whole chain re-run in the graph for the DMD term
-            e[("student", True)] += cfg.sub_steps + 1 + (K if cfg.dmd_through == "all" else 0)
+            if cfg.dmd_through == "all":
+                # the rollout in the graph (the DMD sample through the chain), then one batched call at the fixed
+                # inputs of the trained SubGRPO steps and the deterministic last step (policy gradient, back-prop)
+                e[("student", True)] += K + 1
+            else:
+                # the rollout alone: the trained steps and the last step with grad (inputs detached), others without
+                e[("student", True)] += S + 1
+                e[("student", False)] += K - S - 1
             e[("teacher", False)] += 1
             e[("fake", False)] += 1
     return collections.Counter({k: v for k, v in e.items() if v})
@@ -316,7 +365,7 @@ def replay_seconds(backend, calls: list[Call]) -> float:
     nets = {id(c.net): c.net for c in calls}
     t0 = time.perf_counter()
     for c in calls:
-        with torch.set_grad_enabled(c.grad):
+        with torch.set_grad_enabled(c.grad), _autocast(c.autocast):
             x = c.x.clone()
             if c.x_requires_grad:
                 x.requires_grad_(True)
@@ -330,6 +379,24 @@ def replay_seconds(backend, calls: list[Call]) -> float:
         for p in net.parameters():
             p.grad = None
     return dt
+
+
+def replay_aux_seconds(aux: list) -> float:
+    """Time to re-run one step's prompt encodings, decodes and reward forwards (recorded by Recorder.keep_aux), each
+    followed by its backward (cotangent ones) when it ran with gradients and its input required them (RATS, RTDMD's
+    reward back-propagation): the other networks of the step, which the loop itself does not own."""
+    t0 = time.perf_counter()
+    for fn, args, grad, req, ac in aux:
+        with torch.set_grad_enabled(grad), _autocast(ac):
+            a = [x.clone() if isinstance(x, torch.Tensor) else x for x in args]
+            if req:
+                a[0].requires_grad_(True)
+            out = fn(*a)
+            if req and isinstance(out, torch.Tensor) and out.requires_grad:
+                out.backward(torch.ones_like(out))
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -424,7 +491,7 @@ def _summarise(method, argv, cfg, rows, rec: Recorder, replays, replay_steps, wa
             for k, v in exp.items():
                 expect_n[_key(k)] += v
             unacc += rec.forwards[s] - len(train)
-            times.append(float(r["step_time"]) - rec.eval_time.get(s, 0.0))
+            times.append(float(r["step_time"]) - rec.eval_time.get(s, 0.0) - rec.instr_time.get(s, 0.0))
         n = len(prow)
         timed = times[1:] if n > 1 else times
         t_step = statistics.median(timed)
@@ -432,7 +499,7 @@ def _summarise(method, argv, cfg, rows, rec: Recorder, replays, replay_steps, wa
         rep_steps = [int(r["step"]) for r in prow][-replay_steps:]
         if phase == "train" or len(prow) < 2:
             rep_steps = [s for s in rep_steps if s != steps[0]] or rep_steps
-        rep_total, step_total, dr_total = 0.0, 0.0, 0.0
+        rep_total, step_total, dr_total, aux_total = 0.0, 0.0, 0.0, 0.0
         backend = rec.backend
         for s in rep_steps:
             calls = [c for c in by_step.get(s, []) if not c.eval]
@@ -442,6 +509,8 @@ def _summarise(method, argv, cfg, rows, rec: Recorder, replays, replay_steps, wa
             rep_total += statistics.median(reps)
             step_total += times[steps.index(s)]
             dr_total += rec.decode_time.get(s, 0.0) + rec.reward_time.get(s, 0.0)
+            if rec.aux_calls.get(s):
+                aux_total += statistics.median(replay_aux_seconds(rec.aux_calls[s]) for _ in range(max(1, replays)))
         spp = statistics.mean(samples_per_step(method, cfg, r) for r in prow)
         out.append({
             "method": method, "argv": " ".join(argv), "phase": phase, "steps": n,
@@ -459,6 +528,11 @@ def _summarise(method, argv, cfg, rows, rec: Recorder, replays, replay_steps, wa
             "decode_reward_fwd_s": round(dr_total / max(1, len(rep_steps)), 5),
             "overhead_ratio_incl_decode_reward": (round(step_total / (rep_total + dr_total), 3)
                                                   if rep_total > 0 else None),
+            # every network of the step replayed with its backward: generator / teacher / fake calls, and the
+            # decoder and reward models; what is left is the loop's own cost (arithmetic, losses, optimizer, EMA, log)
+            "aux_replay_s": round(aux_total / max(1, len(rep_steps)), 5),
+            "loop_overhead_ratio": (round(step_total / (rep_total + aux_total), 3) if rep_total > 0 else None),
+            "instrument_s": round(statistics.median(rec.instr_time.get(s, 0.0) for s in steps), 5),
             "replayed_steps": rep_steps, "wall_s": round(wall, 2), "threads": torch.get_num_threads(),
             "backend_options": rec.backend_options,
         })

@@ -122,12 +122,16 @@ def shaping_distance(a: torch.Tensor, b: torch.Tensor, lambda_cos: float = 1.0, 
     Each sample is flattened to a vector of n elements; cos = <a, b> / max(|a| |b|, eps), in float32 (bf16
     dot products of 10^5-element latents lose the 1 - cos signal entirely).
     """
-    a = a.float().flatten(1)
-    b = (b.detach() if detach_target else b).float().flatten(1)
-    dot = (a * b).sum(1)
-    norms = a.norm(dim=1) * b.norm(dim=1)
+    b = b.detach() if detach_target else b
+    return _row_distance(a.float().flatten(1), b.float().flatten(1), lambda_cos, lambda_mse, eps)
+
+
+def _row_distance(a: torch.Tensor, b: torch.Tensor, lambda_cos: float, lambda_mse: float, eps: float = 1e-8):
+    """shaping_distance on the last dimension: a, b (..., n) float32 -> (...)."""
+    dot = (a * b).sum(-1)
+    norms = a.norm(dim=-1) * b.norm(dim=-1)
     cos = dot / norms.clamp_min(eps)
-    mse = ((a - b) ** 2).mean(1)
+    mse = ((a - b) ** 2).mean(-1)
     return lambda_cos * (1 - cos) + lambda_mse * mse
 
 
@@ -140,14 +144,17 @@ def shaping_loss(student: torch.Tensor, teacher: torch.Tensor, index: torch.Tens
     teacher: (B, N', ...) the teacher's sequence on the same footing (detached inside);
     index:   (K,) long, the matched teacher position of every student position (match_horizons);
     horizons: (|H|,) long subset of student positions (default all K);
-    weights: (|H|,) omega_k (default 1). per_sample = (1/|H|) sum_k omega_k d_k.
+    weights: (|H|,) omega_k (default 1). per_sample = (1/|H|) sum_k omega_k d_k, d_k = shaping_distance of
+    student[:, k] and teacher[:, index[k]]. All horizons at once by index_select: no host read of the indices
+    (on a GPU a .tolist() per step would wait for the device).
     """
     K = student.shape[1]
     h = torch.arange(K, device=student.device) if horizons is None else horizons.to(student.device).long()
-    j = index.to(teacher.device).long()[h.to(index.device)]
-    d = torch.stack([shaping_distance(student[:, k], teacher[:, jk], lambda_cos, lambda_mse)
-                     for k, jk in zip(h.tolist(), j.tolist())], dim=1)  # (B, |H|)
-    w = torch.ones(len(h), device=d.device) if weights is None else weights.to(d.device).float()
+    j = index.to(teacher.device).long().index_select(0, h.to(index.device))
+    a = student.index_select(1, h).float().flatten(2)                         # (B, |H|, n)
+    b = teacher.detach().index_select(1, j.to(teacher.device)).float().flatten(2)   # (B, |H|, n) matched
+    d = _row_distance(a, b.to(a.device), lambda_cos, lambda_mse)              # (B, |H|)
+    w = torch.ones(h.shape[0], device=d.device) if weights is None else weights.to(d.device).float()
     return (d * w).mean(1), d
 
 
