@@ -97,7 +97,6 @@ class EMA:
             s.lerp_(p.detach().to(s.dtype), 1.0 - self.decay)
 
     @torch.no_grad()
-    @torch.no_grad()
     def copy_to(self, target: nn.Module | Iterable[torch.Tensor] | None = None) -> None:
         """Write the averages into target (default: the averaged parameters themselves, e.g. for evaluation)."""
         dst = self.params if target is None else _params_all(target)

@@ -238,10 +238,16 @@ class Toy2DBackend(Backend):
             names = [f"class {int(c)}" for c in labels]
         else:
             names = list(prompts)
-            labels = torch.tensor([self._label(p) for p in names], dtype=torch.long)
+            known = self._labels()   # a dict lookup per prompt: encode runs every training step on 256+ prompts
+            labels = torch.tensor([known[p] if p in known else self._label(p) for p in names], dtype=torch.long)
         if bool(((labels < 0) | (labels > self.num_classes)).any()):
             raise ValueError(f"toy2d labels must lie in [0, {self.num_classes - 1}] ({self.num_classes} = null)")
         return Cond({"label": labels.to(self.device)}, names)
+
+    def _labels(self) -> dict[str, int]:
+        if getattr(self, "_label_map", None) is None:
+            self._label_map = {p: self._label(p) for p in [*self.prompts(), ""]}
+        return self._label_map
 
     def _label(self, prompt: str) -> int:
         p = prompt.strip()
