@@ -9,6 +9,15 @@ What this script implements (one code path for every backend; the maths lives in
     advantages; then, for every trained denoising step in turn, the log-probability recomputed under the current
     network, the PPO clipped surrogate, and backward (only one step's graph is alive at a time); one optimizer
     step per minibatch.
+  * --reuse-rollout-graph (on in the toy2d and dit presets): with one inner epoch and one minibatch the only
+    recomputation would evaluate the network at the rollout's own weights on the rollout's own inputs, so the
+    rollout itself keeps the graphs of its K - 1 stochastic steps (inputs detached: log pi(z_{t+1} | z_t) with z_t
+    fixed, the policy-gradient graph) and the loss uses its log-probabilities: K network calls per chunk instead
+    of 2K - 1, bitwise the same losses, gradients and updates (tests/test_otca_reuse.py). The price is memory: the
+    graphs of all K - 1 steps are alive after the rollout (each freed by its backward), so flux / wan / sd3 / flux2
+    keep recomputation, which holds one step and chunk at a time.
+    With --inner-epochs or --minibatches above 1 the option falls back to recomputation (the later passes are
+    off-policy and need it anyway).
   * TCD (trajectory-level credit decomposition): per-sample step credit from the cosine progress of the stored
     trajectory, s_t = cos(z_t, z_K), w_t = max(s_{t+1} - s_t, 0) + eps_w, mean one over the trained steps.
   * MOCA (multi-objective credit allocation): per-objective group z-scores, objectives with zero variance in a
@@ -55,7 +64,7 @@ from common.config import ConfigError, RunConfig, opt, parse_config, user_errors
 from common.credit import (batch_mean_credit, fused_clipped_loss, moca_fuse, objective_advantages,
                            per_objective_clipped_loss, step_advantages, tcd_credit, uniform_credit)
 from common.evaluate import held_out, markdown_table, sample_final, save_samples, write_table
-from common.flow import rollout, sde_step, transition_logprob
+from common.flow import Trajectory, rollout, sde_step, transition_logprob
 from common.prompts import load_prompts
 from common.rewards import build_reward
 from common.rl import clip_fraction, gaussian_kl_same_std, group_advantages
@@ -84,6 +93,8 @@ class Config(RunConfig):
     prompts_per_step: int = opt(8, "prompts (groups) per rollout batch on each rank", min=1)
     same_noise: bool = opt(False, "share the initial noise inside a group (DanceGRPO init_same_noise)")
     micro_batch: int = opt(0, "samples per forward pass, rollout and training alike (0 = all)", min=0)
+    reuse_rollout_graph: bool = opt(False, "with 1 inner epoch and 1 minibatch: the rollout keeps its step graphs and "
+                                    "the loss uses its log-probs (no recomputation; all K - 1 graphs in memory)")
     # --- credit and objectives
     credit: Literal["tcd", "tcd_batch", "uniform"] = opt(
         "tcd", "step credit: tcd (OTCA, per sample) | tcd_batch (ablation: batch-mean TCD profile) | uniform (GRPO)")
@@ -116,11 +127,13 @@ class Config(RunConfig):
     eval_nfe: list[int] = opt([3, 5, 8, 50], "with --eval-only: Euler step counts to evaluate")
 
 
+# reuse_rollout_graph only where the graphs of all K - 1 steps of a rollout batch fit in memory (the toy and the
+# small DiT); the diffusers backends recompute one step and chunk at a time, which bounds the activations.
 PRESETS = {
     "toy2d": {"steps": 200, "nfe": 10, "group_size": 8, "prompts_per_step": 8, "lr": 3e-4, "clip": 1e-3,
-              "eval_samples": 2048},
+              "eval_samples": 2048, "reuse_rollout_graph": True},
     "dit": {"steps": 40, "nfe": 8, "group_size": 6, "prompts_per_step": 4, "lr": 1e-4, "reward": "dit_color,dit_size",
-            "eval_samples": 64, "clip": 1e-3},
+            "eval_samples": 64, "clip": 1e-3, "reuse_rollout_graph": True},
     "flux": {"nfe": 16, "shift": 3.0, "group_size": 12, "prompts_per_step": 1, "lr": 1e-5, "precision": "bf16",
              "reward": "hps,clip", "train_fraction": 0.6, "eval_samples": 64, "micro_batch": 4},
     "wan": {"nfe": 12, "shift": 3.0, "group_size": 12, "prompts_per_step": 1, "lr": 1e-5, "precision": "bf16",
@@ -186,6 +199,69 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
 def finite_or_none(t: torch.Tensor) -> list:
     """A per-step statistic as a JSON list: None where no sample trained that step (instead of NaN)."""
     return [v if math.isfinite(v) else None for v in t.tolist()]
+
+
+def reuses_rollout_graph(cfg: Config) -> bool:
+    """Whether the loss takes its log-probabilities from the rollout's own graph (--reuse-rollout-graph): only with
+    one inner epoch and one minibatch, where the one recomputation would repeat the rollout's calls exactly (same
+    weights, same inputs); otherwise the option falls back to recomputation."""
+    return cfg.reuse_rollout_graph and cfg.inner_epochs == 1 and cfg.minibatches == 1
+
+
+def rollout_step_graphs(velocity_fn, z: torch.Tensor, sigmas: torch.Tensor, kind: str, eta: float, sigma_max: float,
+                        store_means: bool = False) -> tuple[Trajectory, list[tuple[torch.Tensor, torch.Tensor | None]]]:
+    """The rollout of --reuse-rollout-graph for one chunk: common.flow.rollout one step at a time, with gradients on
+    the K - 1 stochastic steps and every step's input detached, so each step's log pi(z_{t+1} | z_t) has the graph a
+    recomputation would build (z_t fixed, through the parameters only) and a graph of its own. The loss then runs
+    one backward per trained step and chunk, in the recomputation's order, and the accumulated gradients are bitwise
+    those of recomputation; one rollout call would stack the steps' log-probs into one graph, whose backward reaches
+    every step at once and sums their gradients in another order (equal only to float rounding).
+
+    z: (n, *latent) initial noise; sigmas: (K+1,) on the host (each call reads its grid without a device sync).
+    Returns the trajectory, detached (states (n, K+1, ...), x0 (n, K, ...), stds (n, K), logprobs (n, K)), and
+    per step t < K - 1 (log-prob (n,), mean (n, *latent) or None without store_means), both with graphs.
+    """
+    K, parts = len(sigmas) - 1, []
+    for k in range(K):
+        parts.append(rollout(velocity_fn, parts[-1].final if parts else z, sigmas[k:k + 2], kind=kind,
+                             noise_level=eta, grad="all" if k < K - 1 else "none", detach_inputs=True,
+                             store_means=store_means, sigma_max=sigma_max))
+    cat = lambda name: torch.cat([getattr(p, name).detach() for p in parts], 1)
+    traj = Trajectory(sigmas=sigmas.float(), states=torch.cat([z[:, None], cat("states")[:, 1::2]], 1),
+                      x0=cat("x0"), stds=cat("stds"), logprobs=cat("logprobs"), noises=cat("noises"))
+    return traj, [(p.logprobs[:, 0], p.means[:, 0] if store_means else None) for p in parts[:-1]]
+
+
+def host_sum(values: list[torch.Tensor], divisors: list[int] | None = None) -> float:
+    """sum_j float(v_j) / d_j over the elements v_j of `values` (device tensors, concatenated in order; d_j = 1 by
+    default), accumulated in order in python floats: the value a running `total += float(v) / d` gives, with one
+    device -> host copy instead of one sync per term."""
+    flat = torch.cat([v.reshape(-1) for v in values]).tolist() if values else []
+    return sum(v / d for v, d in zip(flat, divisors)) if divisors is not None else sum(flat, 0.0)
+
+
+def ratio_statistics(records: list[tuple[int, torch.Tensor, torch.Tensor, bool]], K: int, clip: float) -> dict:
+    """The logged statistics of one training step's importance ratios, from records (t, ratio (n,), trained (n,)
+    bool, on_policy) kept on the device until here: one device -> host copy, not a sync per step and chunk.
+    Per denoising step t over the rows that trained it: min, max, mean (None where none did); the clip fraction
+    over every trained row; the largest |ratio - 1| over the first inner step's rows (exactly 0 on-policy)."""
+    sizes = [r.numel() for _, r, _, _ in records]
+    both = torch.stack([torch.cat([r for _, r, _, _ in records]),
+                        torch.cat([m for _, _, m, _ in records]).float()]).cpu()
+    lo, hi = torch.full((K,), float("nan")), torch.full((K,), float("nan"))
+    total, count, kept, first_dev = torch.zeros(K), torch.zeros(K), [], 0.0
+    for (t, _, _, on_policy), r, m in zip(records, both[0].split(sizes), both[1].split(sizes)):
+        rd = r[m.bool()]
+        if on_policy:
+            first_dev = max(first_dev, float((rd - 1).abs().max()))
+        lo[t] = torch.fmin(lo[t], rd.min())  # fmin/fmax skip the initial NaN
+        hi[t] = torch.fmax(hi[t], rd.max())
+        total[t] += rd.sum()
+        count[t] += rd.numel()
+        kept.append(rd)
+    return {"clip_frac": float(clip_fraction(torch.cat(kept), clip)), "ratio_min": finite_or_none(lo[:K - 1]),
+            "ratio_max": finite_or_none(hi[:K - 1]), "ratio_mean": finite_or_none((total / count)[:K - 1]),
+            "ratio_first_dev": first_dev}
 
 
 @torch.no_grad()
@@ -256,6 +332,9 @@ def main(cfg: Config) -> dict:
     eval_prompts = backend.prompts("eval")
     K = cfg.nfe
     sigmas = backend.sigmas(K, shift=cfg.shift).to(device)
+    sigmas_host = sigmas.cpu()     # the rollouts' grid: common.flow.rollout reads it on the host (no device sync)
+    sigma_max = float(sigmas[1])   # flow_grpo's first-step denominator, read once (not a device sync per call)
+    reuse = reuses_rollout_graph(cfg)
     eta = cfg.noise_level if cfg.noise_level is not None else (0.3 if cfg.sde == "dance" else 0.7)
     G, n_groups = cfg.group_size, cfg.prompts_per_step
     B = G * n_groups
@@ -276,24 +355,31 @@ def main(cfg: Config) -> dict:
         rewards_init = ev()
     snapshot = lambda: {"net": net.state_dict(), "opt": opt_.state_dict(), "rewards_init": rewards_init}
     g_steps = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 1)
-    credit_sum, credit_n = torch.zeros(K), 0
+    credit_sum, credit_n = torch.zeros(K, device=device), 0
 
     with run.interrupt_guard(snapshot):
         for step in range(run.step, cfg.steps):
             # ===================================== rollout =====================================================
-            # n_groups prompts on this rank, each repeated G times consecutively; no gradients, log-probs stored.
+            # n_groups prompts on this rank, each repeated G times consecutively; log-probs stored, without graphs,
+            # or (reuse) with the graphs of the K - 1 stochastic steps, each through the parameters only.
             pidx = torch.randint(len(train_prompts), (n_groups,), generator=g_steps)
             cond = backend.encode([train_prompts[i] for i in pidx]).repeat(G)
             z0 = backend.noise(n_groups if cfg.same_noise else B)
             z0 = z0.repeat_interleave(G, 0) if cfg.same_noise else z0
-            trajs = []
-            with torch.no_grad(), autocast(cfg.precision, device):
+            trajs, graphs = [], []   # graphs (reuse only): per chunk, per step t < K - 1, (log-prob, mean)
+            with torch.set_grad_enabled(reuse), autocast(cfg.precision, device):
                 for sl in [sl for mb in layout for sl in mb]:
-                    trajs.append(rollout(backend.velocity_fn(net, cond.select(sl)), z0[sl], sigmas, kind=cfg.sde,
-                                         noise_level=eta))
-            states = torch.cat([t.states for t in trajs])          # (B, K+1, *latent)
-            x0s = torch.cat([t.x0 for t in trajs])                 # (B, K, *latent)
-            logp_old = torch.cat([t.logprobs for t in trajs])      # (B, K), mean over latent dims
+                    vf = backend.velocity_fn(net, cond.select(sl))
+                    if reuse:
+                        traj, g = rollout_step_graphs(vf, z0[sl], sigmas_host, cfg.sde, eta, sigma_max,
+                                                      store_means=cfg.beta_kl > 0)
+                        graphs.append(g)
+                    else:
+                        traj = rollout(vf, z0[sl], sigmas_host, kind=cfg.sde, noise_level=eta)
+                    trajs.append(traj)
+            states = torch.cat([t.states.detach() for t in trajs])           # (B, K+1, *latent)
+            x0s = torch.cat([t.x0.detach() for t in trajs])                  # (B, K, *latent)
+            logp_old = torch.cat([t.logprobs.detach() for t in trajs])       # (B, K), mean over latent dims
             # ===================================== reward ======================================================
             with torch.no_grad():
                 r_local = reward(backend.decode(states[:, -1]).float(), cond.prompts).float()  # (B, M)
@@ -309,7 +395,8 @@ def main(cfg: Config) -> dict:
                                              clamp=cfg.adv_clamp)
             fused = dist.local_rows(fused_all, B)                                         # (B,)
             a_obj = dist.local_rows(a_all, B).clamp(-cfg.adv_clamp, cfg.adv_clamp)        # (B, M)
-            trained = trained_mask(B, K, cfg.train_fraction, g_steps).to(device)          # (B, K)
+            trained_cpu = trained_mask(B, K, cfg.train_fraction, g_steps)    # (B, K); the host copy decides skips
+            trained = trained_cpu.to(device)
             if cfg.credit in ("tcd", "tcd_batch"):
                 omega = tcd_credit(states, trained, x0=x0s, source=cfg.credit_source, eps_w=cfg.eps_w,
                                    norm=cfg.credit_norm)                                  # (B, K)
@@ -319,30 +406,35 @@ def main(cfg: Config) -> dict:
             adv = step_advantages(fused, omega)                                           # (B, K)
             adv_obj = step_advantages(a_obj, omega)                                       # (B, K, M)
             n_trained = trained.sum(1).clamp_min(1).float()                               # |S_i|
-            credit_sum += (omega * trained).sum(0).cpu() / trained.sum(0).clamp_min(1).cpu()
+            credit = (omega * trained).sum(0) / trained.sum(0).clamp_min(1)               # (K,) mean over samples
+            credit_sum += credit
             credit_n += 1
             # ===================================== loss and update ============================================
-            # Per trained step t: recompute log pi(z_{t+1} | z_t) with gradients, clipped surrogate, backward at
-            # once (one step's graph alive). Weight 1 / (n |S_i|) per (i, t in S_i): J = mean_i mean_{t in S_i} over the
-            # n samples of the minibatch. Rows that do not train step t ride along in their chunk, masked out.
-            ratio_min, ratio_max = torch.full((K,), float("nan")), torch.full((K,), float("nan"))
-            ratio_mean = torch.zeros(K)
-            ratio_cnt, clipped, total_loss, total_kl, first_dev = torch.zeros(K), [], 0.0, 0.0, 0.0
+            # Per trained step t and chunk: log pi(z_{t+1} | z_t) under the current network (recomputed, or with
+            # reuse the rollout's own graph), the clipped surrogate. Weight 1 / (n |S_i|) per (i, t in S_i): J = mean_i
+            # mean_{t in S_i} over the n samples of the minibatch. Rows that do not train step t ride along in their
+            # chunk, masked out. Backward at once, step by step in both paths (so their gradients are bitwise
+            # equal). Losses, KLs and ratios stay on the device: one host sync per optimizer step.
+            losses, kls, kl_rows, ratios = [], [], [], []   # ratios: (t, ratio, trained rows, on-policy)
             for epoch in range(cfg.inner_epochs):
                 for mb_i, mb in enumerate(layout):
                     n_rows = mb[-1].stop - mb[0].start
                     first_inner = epoch == 0 and mb_i == 0
                     opt_.zero_grad(set_to_none=True)
+                    mb_losses = []
                     for t in range(K - 1):
-                        for sl in mb:
-                            m_t = trained[sl, t]                                          # rows training step t
-                            if not bool(m_t.any()):
+                        for c, sl in enumerate(mb):
+                            if not trained_cpu[sl, t].any():                  # no row of this chunk trains step t
                                 continue
-                            c_sl = cond.select(sl)
-                            with autocast(cfg.precision, device):
-                                lp, mean, std = transition_logprob(
-                                    backend.velocity_fn(net, c_sl), states[sl, t], states[sl, t + 1],
-                                    sigmas[t], sigmas[t + 1], cfg.sde, eta, sigma_max=float(sigmas[1]))
+                            m_t, c_sl = trained[sl, t], cond.select(sl)       # rows training step t
+                            if reuse:  # one minibatch: chunk c is trajs[c]; std shaped like the latent, for the KL
+                                lp, mean = graphs[c][t]
+                                std = trajs[c].stds[:, t].reshape(-1, *[1] * (states.ndim - 2))
+                            else:
+                                with autocast(cfg.precision, device):
+                                    lp, mean, std = transition_logprob(
+                                        backend.velocity_fn(net, c_sl), states[sl, t], states[sl, t + 1],
+                                        sigmas[t], sigmas[t + 1], cfg.sde, eta, sigma_max=sigma_max)
                             if cfg.objectives == "sum":
                                 loss_i, ratio = per_objective_clipped_loss(lp, logp_old[sl, t], adv_obj[sl, t], lam,
                                                                            cfg.clip)
@@ -353,43 +445,39 @@ def main(cfg: Config) -> dict:
                                     v_ref = backend.velocity(ref, states[sl, t], sigmas[t].expand(m_t.numel()), c_sl)
                                     _, mean_ref, _ = sde_step(states[sl, t], v_ref, sigmas[t], sigmas[t + 1],
                                                               cfg.sde, eta, noise=torch.zeros_like(mean),
-                                                              sigma_max=float(sigmas[1]))
+                                                              sigma_max=sigma_max)
                                 kl = gaussian_kl_same_std(mean, mean_ref, std)
                                 loss_i = loss_i + cfg.beta_kl * kl
-                                total_kl += float((m_t * kl.detach() / n_trained[sl]).sum()) / n_rows
-                            rd = ratio.detach().float()[m_t].cpu()
-                            if first_inner:  # on-policy: the ratio must be exactly 1 (anchors.md pitfall 5)
-                                first_dev = max(first_dev, float((rd - 1).abs().max()))
-                                assert not cfg.debug or first_dev == 0.0, f"ratio != 1 on-policy at step {t}: {rd}"
+                                kls.append((m_t * kl.detach() / n_trained[sl]).sum())
+                                kl_rows.append(n_rows)
+                            if cfg.debug and first_inner:  # on-policy: the ratio must be exactly 1 (anchors.md
+                                rd = ratio.detach().float()[m_t]  # pitfall 5); the only per-step sync, debug only
+                                assert bool((rd == 1).all()), f"ratio != 1 on-policy at step {t}: {rd.cpu()}"
+                            ratios.append((t, ratio.detach().float(), m_t, first_inner))
                             loss = (m_t * loss_i / n_trained[sl]).sum() / n_rows  # this minibatch's J, step t
-                            run.check_finite(loss=loss)
-                            loss.backward()
-                            total_loss += float(loss.detach())
-                            ratio_min[t] = torch.fmin(ratio_min[t], rd.min())  # fmin/fmax skip the initial NaN
-                            ratio_max[t] = torch.fmax(ratio_max[t], rd.max())
-                            ratio_mean[t] += rd.sum()
-                            ratio_cnt[t] += rd.numel()
-                            clipped.append(rd)
+                            loss.backward()   # frees this step's graph (recomputation: the only one alive)
+                            mb_losses.append(loss.detach())
+                    mb_loss = torch.stack(mb_losses)                                  # (trained steps x chunks,)
+                    run.check_finite(loss=mb_loss)  # before the update; the one host sync of an optimizer step
+                    losses.append(mb_loss)
                     average_gradients(params)  # data parallel: the mean over ranks of each rank's J
                     grad_norm = clip_grad(params, cfg.max_grad_norm)
                     opt_.step()
             # ===================================== log =========================================================
+            # the device statistics reach the host here, once per training step
             n_updates = cfg.inner_epochs * cfg.minibatches
             r_groups = r_all.reshape(-1, G, M)
             zero_var = (~valid_all).reshape(-1, G, M)[:, 0]                               # (groups, M)
-            metrics = {"reward": float(reward.combine(r_all).mean()), "loss": total_loss / n_updates,
-                       "clip_frac": float(clip_fraction(torch.cat(clipped), cfg.clip)), "grad_norm": grad_norm,
-                       "zero_var_groups": float(zero_var.any(1).float().mean()),
-                       "credit": (omega * trained).sum(0) / trained.sum(0).clamp_min(1),   # mean over samples
-                       "obj_weights": c_all.mean(0), "adv_abs": fused.abs().mean(),
-                       "ratio_min": finite_or_none(ratio_min[:K - 1]), "ratio_max": finite_or_none(ratio_max[:K - 1]),
-                       "ratio_mean": finite_or_none((ratio_mean / ratio_cnt)[:K - 1]), "ratio_first_dev": first_dev}
+            metrics = {"reward": float(reward.combine(r_all).mean()), "loss": host_sum(losses) / n_updates,
+                       "grad_norm": grad_norm, "zero_var_groups": float(zero_var.any(1).float().mean()),
+                       "credit": credit, "obj_weights": c_all.mean(0), "adv_abs": fused.abs().mean(),
+                       **ratio_statistics(ratios, K, cfg.clip)}
             for m, name in enumerate(reward.names):
                 metrics[f"r_{name}"] = float(r_groups[..., m].mean())
                 metrics[f"r_{name}_gstd"] = float(r_groups[..., m].std(1, correction=cfg.std_ddof).mean())
                 metrics[f"zero_var_{name}"] = float(zero_var[:, m].float().mean())
             if cfg.beta_kl > 0:
-                metrics["kl"] = total_kl / n_updates
+                metrics["kl"] = host_sum(kls, kl_rows) / n_updates
             # ===================================== eval and save ===============================================
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
                 metrics.update({f"eval_{k}": v for k, v in ev().items()})
