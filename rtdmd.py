@@ -9,6 +9,9 @@ regulariser; the normalised DMD loss through shared-noise projections back to s;
 a generator EMA. Stage 2: SubGRPO (2 of the 3 stochastic steps per epoch, group-shared noise at the others), per-reward
 advantages, the policy gradient on the chosen steps, and on the deterministic last step the DMD term plus reward
 back-propagation (the hybrid estimator); one fake update per epoch. The maths lives in common/dmd.py.
+No network input is evaluated twice at the same weights: the stage-2 rollout is the loss's graph (stage2_rollout),
+the fixed-input evaluations that the chain cannot share are one batched call (stage2_terms), and the consistency
+hop's two samples one fake-score call (benchmarks/harness.py expected_calls counts them).
 
 Simplifications against the official code (shared/spec/rtdmd.md): one process does every rollout of an epoch and one
 optimiser step (no 16 sub-batches x gradient accumulation; the loss is divided by |S| + 1 instead of 48); the correct
@@ -24,7 +27,7 @@ through every step cancels it. With the code's placement (`--dmd-through last`) 
 stochastic steps is left uncancelled at p_tilt, and the student goes past the tilted target (results/rtdmd_toy.md).
 On a backend with fewer prompts than groups, groups of one prompt get distinct shared-noise keys ("prompt#g").
 
-    python rtdmd.py                                                  # toy2d, both stages, ~2 min on 2 CPU cores
+    python rtdmd.py                                                  # toy2d, both stages, ~25 s on 2 CPU cores
     python rtdmd.py --teacher sd3 --stage all --pretrained stabilityai/stable-diffusion-3.5-medium --reward pickscore
     torchrun --nproc_per_node 8 rtdmd.py --teacher flux2 --stage 2 --init runs/rtdmd-flux2-stage1
 """
@@ -38,10 +41,10 @@ from typing import Literal
 
 import torch
 
-from common.backend import get_backend
+from common.backend import Cond, get_backend
 from common.config import ConfigError, RunConfig, opt, parse_config, user_errors
-from common.dmd import (ambient_fake_loss, ambient_forward, ambient_target, ambient_weight, consistency_loss,
-                        dmd_loss, kl_direction, linear_surrogate, per_reward_advantages, project_pair,
+from common.dmd import (ambient_fake_loss, ambient_forward, ambient_target, ambient_weight, batched_velocity,
+                        consistency_loss, dmd_loss, kl_direction, linear_surrogate, per_reward_advantages, project_pair,
                         raw_advantages, sample_consistency_level, sample_renoise_level, subgrpo_noises,
                         subgrpo_steps)
 from common.evaluate import save_samples
@@ -125,6 +128,58 @@ PRESETS = {
     "wan": {"batch": 2, "lr": 1e-6, "fake_lr": 1e-6, "cfg_scale": 5.0, "groups": 2, "group_size": 8,
             "reward": "clip", "steps": 15000, "epochs": 1000, "precision": "bf16"},
 }
+
+
+def tiled_velocity_fn(backend, net, cond: Cond, guidance: float = 1.0):
+    """backend.velocity_fn(net, cond, guidance) that also takes n stacked copies of cond's batch: x (n B, ...) is
+    evaluated on the condition repeated n times (Cond.cat), so n evaluations at fixed inputs can be one network call
+    (common.dmd.batched_velocity). A row count that is not a multiple of B is a programming error (ValueError)."""
+    B, tiled = cond.batch_size, {1: cond}
+
+    def fn(x, sigma):
+        n = x.shape[0] // B
+        if n < 1 or n * B != x.shape[0]:
+            raise ValueError(f"{x.shape[0]} rows for a condition of batch {B}")
+        if n not in tiled:
+            tiled[n] = Cond.cat([cond] * n)
+        return backend.velocity(net, x, sigma, tiled[n], guidance)
+    return fn
+
+
+def stage2_rollout(vfn, x, sigmas, noises, S, eta: float, chain: bool, generator, logprob: str, reduce: str):
+    """Stage 2's CPS rollout from x (B, ...), in the graph where the loss needs it: common.flow.Trajectory.
+
+    The generator's weights do not change between the rollout and the loss (only the fake score is updated in
+    between), so the rollout's own evaluations are the loss's: chain (--dmd-through all): every step with its
+    graph through the chain, tr.final is the DMD sample (re-running the chain from the same start and noises would
+    evaluate the same K inputs twice). Otherwise only the trained steps S and the deterministic last step keep a
+    graph, with their inputs detached (through the weights only): tr.logprobs[:, j] (j in S) is the recomputed
+    log pi(x_{j+1} | x_j) of the policy gradient and tr.final is x0_last = z - sigma_{K-1} v(z), z fixed.
+    The noise drawn from `generator` is the same in every mode (the draws do not depend on the graph)."""
+    K = len(sigmas) - 1
+    return rollout(vfn, x, sigmas, "cps", eta, grad="all" if chain else {*S, K - 1}, detach_inputs=not chain,
+                   noises=noises, generator=generator, logprob=logprob, reduce=reduce)
+
+
+def stage2_terms(vfn, tr, sigmas, S, eta: float, chain: bool, logprob: str, reduce: str):
+    """The generator terms of the stage-2 loss: ([log pi(x_{j+1} | x_j) (B,) for j in S], x0_last, x0), (B, ...).
+
+    x0_last = z - sigma_{K-1} v(z) with z = x_{K-1} fixed (reward back-propagation; the DMD sample x0 too unless
+    chain, where x0 = tr.final through the whole chain). Without chain they are stage2_rollout's own records. With
+    chain, the policy gradient and the back-propagation need the network at the rollout's states with the inputs
+    FIXED, a gradient path (weights only) distinct from the chain's (through the states): sharing the chain's
+    evaluations would need a custom backward, so the |S| + 1 fixed-input evaluations are made again, as ONE batched
+    call (vfn must be a tiled_velocity_fn) whose log-probabilities follow common.flow.transition_logprob."""
+    K = len(sigmas) - 1
+    if not chain:
+        return [tr.logprobs[:, j] for j in S], tr.final, tr.final
+    steps = [*S, K - 1]
+    xs = [tr.states[:, j].detach() for j in steps]
+    vs = batched_velocity(vfn, xs, [sigmas[j] for j in steps])
+    # transition_logprob's maths on the velocity already evaluated (its velocity_fn returns v)
+    lps = [transition_logprob(lambda *_, v=v: v, x, tr.states[:, j + 1].detach(), sigmas[j], sigmas[j + 1], "cps",
+                              eta, logprob, reduce)[0] for j, x, v in zip(S, xs, vs)]
+    return lps, xs[-1] - sigmas[K - 1] * vs[-1], tr.final
 
 
 def toy_eval(backend, gen, sigmas, reward, cfg, tilt, euler: bool = True, save_dir: str | None = None) -> dict:
@@ -246,13 +301,13 @@ def main(cfg: Config):
         e2 = randn(x_s.shape)
         x_t, u = ambient_forward(x_s, s, t, e2), ambient_target(x_s, s, t, e2)
         w = ambient_weight(s, t) if t_range is None else 1.0
-        fn = backend.velocity_fn(fake, cond, 1.0)
+        fn = tiled_velocity_fn(backend, fake, cond)
         v = fn(x_t, t)
         l_amb = ambient_fake_loss(v, u, w)
         l_cons = torch.zeros((), device=dev)
-        if cfg.gamma > 0:
+        if cfg.gamma > 0:   # its two hop samples in one fake-score call on the condition tiled twice
             t2 = sample_consistency_level(t, gcpu, cfg.cons_offset).to(dev)
-            l_cons = consistency_loss(fn, x_t, t, v, t2, cfg.kernel, cfg.eta, gcpu)
+            l_cons = consistency_loss(fn, x_t, t, v, t2, cfg.kernel, cfg.eta, gcpu, batched=True)
         return l_amb, l_cons
 
     def fake_step(x_s, s, cond, t_range=None):
@@ -350,15 +405,19 @@ def main(cfg: Config):
             cond = backend.encode(base).repeat(cfg.group_size)
             keys = [f"{p}#{i // cfg.group_size}" for i, p in enumerate(cond.prompts)]
             noises = subgrpo_noises(keys, backend.latent_shape, K, S, stochastic, epoch, dev)
-            B = cond.batch_size
+            B, chain = cond.batch_size, cfg.dmd_through == "all"
+            vfn = tiled_velocity_fn(backend, gen, cond)
+            # the loss's own evaluations (stage2_rollout): its graph is held through the fake updates below (with
+            # --dmd-through all, K steps of activations next to the fake update's)
+            tr = stage2_rollout(vfn, randn((B, *backend.latent_shape)), sigmas, noises, S, cfg.eta, chain, gcpu,
+                                logprob, reduce)
+            final = tr.final.detach()
+            # ---- reward ----
             with torch.no_grad():
-                tr = rollout(backend.velocity_fn(gen, cond, 1.0), randn((B, *backend.latent_shape)), sigmas, "cps",
-                             cfg.eta, noises=noises, generator=gcpu, logprob=logprob, reduce=reduce)
-                # ---- reward ----
-                r = reward(backend.decode(tr.final), cond.prompts)          # (B, M)
+                r = reward(backend.decode(final), cond.prompts)          # (B, M)
             # ---- fake-score update(s) on the epoch's final samples (s = 0) ----
             for _ in range(cfg.fake_updates2):   # raw mode: fit the fake where the KL direction reads it
-                l_amb, l_cons = fake_step(tr.final, torch.zeros(B, device=dev), cond,
+                l_amb, l_cons = fake_step(final, torch.zeros(B, device=dev), cond,
                                           (0.02, cfg.raw_t_max) if cfg.advantage == "raw" else None)
             # ---- advantages ----
             if cfg.advantage == "raw":
@@ -366,22 +425,16 @@ def main(cfg: Config):
             else:
                 A = per_reward_advantages(r, cfg.group_size, reward.weights.to(r.device), cfg.adv_clip)
             # ---- loss: policy gradient on S, DMD + back-prop on the deterministic last step ----
-            vfn = backend.velocity_fn(gen, cond, 1.0)
+            lps, x0_last, x0 = stage2_terms(vfn, tr, sigmas, S, cfg.eta, chain, logprob, reduce)
             pg, clipfrac = torch.zeros((), device=dev), []
-            for j in S:
-                lp, _, _ = transition_logprob(vfn, tr.states[:, j], tr.states[:, j + 1], sigmas[j], sigmas[j + 1],
-                                              "cps", cfg.eta, logprob, reduce)
+            for j, lp in zip(S, lps):
                 if cfg.advantage == "raw":   # plain score function; x (#stochastic/|S|) keeps E_S unbiased
                     pg = pg - (A * lp).mean() * len(stochastic) / len(S)
                 else:
-                    l_pg, ratio = clipped_surrogate(lp, tr.logprobs[:, j], A, cfg.clip_range)
+                    # old log-prob: the rollout's (same weights); without the chain lp is that record (ratio 1)
+                    l_pg, ratio = clipped_surrogate(lp, tr.logprobs[:, j].detach(), A, cfg.clip_range)
                     pg = pg + l_pg.mean()
                     clipfrac.append(clip_fraction(ratio, cfg.clip_range))
-            z = tr.states[:, K - 1]
-            x0_last = z - sigmas[K - 1] * vfn(z, sigmas[K - 1].expand(B))  # deterministic last step, z fixed: BP
-            x0 = x0_last                                                      # and, by default, DMD
-            if cfg.dmd_through == "all":     # DMD only: the chain re-run with its own noises, all steps in graph
-                x0 = rollout(vfn, tr.states[:, 0], sigmas, "cps", cfg.eta, grad="all", noises=tr.noises).final
             lo_t, hi_t = (0.02, cfg.raw_t_max) if cfg.advantage == "raw" else (0.02, 0.98)
             t = lo_t + (hi_t - lo_t) * torch.rand(B, generator=gcpu).to(dev)
             with torch.no_grad():
