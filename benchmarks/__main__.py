@@ -70,6 +70,9 @@ def scaling_cases(quick: bool) -> list[tuple[str, str, str, list[str], dict]]:
     for N in ([10, 50] if quick else [10, 25, 50, 100]):   # RATS teacher steps (K = 2)
         out.append(("rats N (toy, K=2)", str(N), "rats",
                     ["--steps", steps, "--teacher-nfe", str(N), "--eval-size", "64"], {}))
+    for B in ([256, 2048] if quick else [64, 256, 1024, 4096]):   # RATS batch: the loop's per-op cost amortised
+        out.append(("rats B (toy, K=2, N=50)", str(B), "rats",
+                    ["--steps", steps, "--batch-size", str(B), "--eval-size", "64"], {}))
     for G in ([2, 8] if quick else [2, 4, 8, 16]):           # OTCA group size (8 prompts, K = 10)
         out.append(("otca G (toy, 8 prompts, K=10)", str(G), "otca",
                     ["--steps", steps, "--group-size", str(G), "--eval-samples", "64"], {}))
@@ -117,7 +120,7 @@ def per_step_row(backend: str, r: dict) -> dict:
             "samples_per_s": r["samples_per_s"], "calls_per_step": fmt_nfe(r["nfe_calls"]),
             "sample_evals_per_step": fmt_nfe(r["nfe_samples"]), "nfe_match": r["nfe_match"],
             "unaccounted": r["unaccounted_forwards"], "peak_mem_mb": r["peak_mem_mb"],
-            "overhead_ratio": r["overhead_ratio"]}
+            "overhead_ratio": r["overhead_ratio"], "loop_overhead_ratio": r.get("loop_overhead_ratio")}
 
 
 def toy_targets(out: str) -> list[dict]:
@@ -219,7 +222,8 @@ def main(argv=None) -> int:
                           "relative": round(t / base[sweep], 2) if t and base[sweep] else None,
                           "calls_per_step": fmt_nfe(r.get("nfe_calls", {})),
                           "sample_evals_per_step": fmt_nfe(r.get("nfe_samples", {})),
-                          "overhead_ratio": r.get("overhead_ratio"), "peak_mem_mb": r.get("peak_mem_mb")})
+                          "overhead_ratio": r.get("overhead_ratio"),
+                          "loop_overhead_ratio": r.get("loop_overhead_ratio"), "peak_mem_mb": r.get("peak_mem_mb")})
         write_table(srows, a.out, "scaling", header=header)
     if not a.no_targets and not a.quick:
         print("toy targets (default runs of each script)", flush=True)

@@ -293,6 +293,8 @@ def expected_calls(method: str, cfg, row: dict, chunks: int = 1) -> collections.
            teacher calls without; x grad_accum.
     OTCA:  K rollout calls per forward chunk without grad; (K - 1) recomputations with grad per chunk and inner epoch
            (train_fraction 1: every non-final step; fewer chunks may skip a step when < 1: not predicted here).
+           With --reuse-rollout-graph (1 inner epoch, 1 minibatch): K rollout calls per chunk, the K - 1 stochastic
+           ones with grad and the last without, and no recomputation.
     RTDMD: stage 1: k_fake generator calls without grad (random stop), 1 fake call with grad (+1 with --gamma > 0:
            the two consistency hop samples in one batched call); on a generator turn also k_gen - 1 generator calls
            without grad, 1 with grad, 1 teacher and 1 fake call without grad. Stage 2: the K rollout calls are the
@@ -311,8 +313,13 @@ def expected_calls(method: str, cfg, row: dict, chunks: int = 1) -> collections.
         e[("teacher", False)] += A * N
     elif method == "otca":
         K = cfg.nfe
-        e[("student", False)] += chunks * K
-        e[("student", True)] += cfg.inner_epochs * chunks * (K - 1)
+        # otca.reuses_rollout_graph: the rollout's stochastic steps keep their graphs, nothing is recomputed
+        if getattr(cfg, "reuse_rollout_graph", False) and cfg.inner_epochs == 1 and cfg.minibatches == 1:
+            e[("student", True)] += chunks * (K - 1)
+            e[("student", False)] += chunks
+        else:
+            e[("student", False)] += chunks * K
+            e[("student", True)] += cfg.inner_epochs * chunks * (K - 1)
         if cfg.beta_kl > 0:
             e[("reference", False)] += cfg.inner_epochs * chunks * (K - 1)
     elif method == "rtdmd":

@@ -23,6 +23,9 @@ def _check_common(r, steps):
     assert r["nfe_match"], (r["nfe_calls"], r["nfe_expected"])
     assert r["unaccounted_forwards"] == 0          # every forward of the hooked networks went through velocity()
     assert r["step_time_s"] > 0 and r["replay_s"] > 0 and r["overhead_ratio"] > 0
+    # the loop ratio also sets the decode / reward / text-encoder replays apart: never above the network-only ratio
+    assert r["aux_replay_s"] >= 0 and r["instrument_s"] >= 0
+    assert r["loop_overhead_ratio"] <= r["overhead_ratio"]
     assert r["peak_mem_mb"] >= r["rss_before_mb"] > 0
     assert r["samples_per_s"] == pytest.approx(r["samples_per_step"] / r["step_time_s"], rel=1e-2)
 
@@ -36,6 +39,7 @@ def test_rats_counts_k_student_with_grad_and_n_teacher_without(tmp_path):
     assert r["nfe_calls"] == {"student/grad": K, "teacher/nograd": N}
     assert r["nfe_samples"] == {"student/grad": K * B, "teacher/nograd": N * B}
     assert r["eval_calls"] > 0                      # the evaluations were seen, and kept out of the step counts
+    assert r["aux_replay_s"] > 0                    # the reward (with its backward to the samples) was replayed
 
 
 def test_rats_truncated_reward_gradient_moves_calls_to_no_grad():
@@ -48,11 +52,21 @@ def test_rats_truncated_reward_gradient_moves_calls_to_no_grad():
 def test_otca_counts_group_rollout_and_recomputation():
     G, P, K = 4, 2, 5
     r = _one(measure("otca", ["--steps", "2", "--nfe", str(K), "--group-size", str(G), "--prompts-per-step", str(P),
-                              "--eval-samples", "8"], replays=1))
+                              "--eval-samples", "8", "--no-reuse-rollout-graph"], replays=1))
     _check_common(r, 2)
     # G*P*K rollout sample evaluations without gradients; (K - 1) trained steps recomputed with gradients
     assert r["nfe_samples"] == {"student/nograd": G * P * K, "student/grad": G * P * (K - 1)}
     assert r["nfe_calls"] == {"student/nograd": K, "student/grad": K - 1}
+
+
+def test_otca_reuse_rollout_graph_has_no_recomputation():
+    G, P, K = 4, 2, 5
+    r = _one(measure("otca", ["--steps", "2", "--nfe", str(K), "--group-size", str(G), "--prompts-per-step", str(P),
+                              "--eval-samples", "8", "--reuse-rollout-graph"], replays=1))
+    _check_common(r, 2)
+    # the rollout's K - 1 stochastic steps with gradients (the loss's log-probs), the deterministic last one without
+    assert r["nfe_samples"] == {"student/nograd": G * P, "student/grad": G * P * (K - 1)}
+    assert r["nfe_calls"] == {"student/nograd": 1, "student/grad": K - 1}
 
 
 def test_rtdmd_counts_per_stage():
@@ -63,23 +77,26 @@ def test_rtdmd_counts_per_stage():
     s1, s2 = _one(recs, "stage1"), _one(recs, "stage2")
     _check_common(s1, 4)
     _check_common(s2, 2)
-    # stage 1 (gamma > 0): the fake score's ambient call plus the two consistency samples, every iteration; the
-    # generator turn (every 2nd) adds one generator call with grad and one teacher and one fake call without
-    assert s1["nfe_calls"]["fake/grad"] == 3
+    # stage 1 (gamma > 0): the fake score's ambient call plus one batched call on the two consistency samples, every
+    # iteration; the generator turn (every 2nd) adds one generator call with grad and one teacher and one fake call
+    assert s1["nfe_calls"]["fake/grad"] == 2 and s1["nfe_samples"]["fake/grad"] == 16 + 2 * 16
     assert s1["nfe_calls"]["student/grad"] == s1["nfe_calls"]["teacher/nograd"] == 0.5
-    # stage 2: K = 4 rollout calls, |S| = 2 SubGRPO steps + the last step with grad, one teacher/fake pair
-    assert s2["nfe_calls"] == {"fake/grad": 3, "fake/nograd": 1, "student/grad": 3, "student/nograd": 4,
+    # stage 2: the K = 4 rollout calls are the loss's: |S| = 2 SubGRPO steps + the last step with grad, 1 without;
+    # one teacher/fake pair
+    assert s2["nfe_calls"] == {"fake/grad": 2, "fake/nograd": 1, "student/grad": 3, "student/nograd": 1,
                                "teacher/nograd": 1}
 
 
-def test_rtdmd_dmd_through_all_reruns_the_chain_with_grad():
+def test_rtdmd_dmd_through_all_rollout_in_the_graph_and_one_batched_call():
     recs = measure("rtdmd", ["--steps", "2", "--fake-ratio", "2", "--epochs", "1", "--batch", "8", "--groups", "1",
                              "--group-size", "4", "--gamma", "0", "--dmd-through", "all", "--eval-samples", "100"],
                    replays=1)
     s2 = _one(recs, "stage2")
     assert s2["nfe_match"]
-    # |S| recomputed log-probs + the last step (reward back-propagation) + the K-step chain in the graph
-    assert s2["nfe_calls"]["student/grad"] == 2 + 1 + 4
+    # the K = 4 rollout calls in the graph (the chain), then one batched call at the fixed inputs of the |S| = 2
+    # trained steps and the last step (reward back-propagation): (2 + 1) x B samples, B = 4
+    assert s2["nfe_calls"]["student/grad"] == 4 + 1 and "student/nograd" not in s2["nfe_calls"]
+    assert s2["nfe_samples"]["student/grad"] == 4 * 4 + 3 * 4
 
 
 def test_expected_calls_formula_independent_of_the_run():
