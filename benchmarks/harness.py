@@ -22,7 +22,10 @@ Definitions (also in benchmarks/README.md):
   overhead ratio  step time / replay time, where the replay re-issues the same step's recorded network calls (same
                   networks, inputs, sigmas, conditions, grad and autocast mode; inputs requiring grad where they did)
                   back to back
-                  and runs one backward (cotangent ones) for each call made with gradients; median of `replays` repeats.
+                  and runs one backward (cotangent ones) for each call made with gradients; the fastest of `replays`
+                  repeats (on a shared machine the minimum is the undisturbed time; the step itself runs once, so
+                  contention can only raise the ratio, never push it below what the loop costs), summed over the
+                  last `replay_steps` steps and compared with the same steps' summed times.
                   It is what the loop around the network costs: rollout arithmetic, rewards, losses, optimizer, EMA,
                   logging. A ratio near 1 means the step is all network.
   loop overhead   step time / (replay time + the step's prompt encodings, decodes and reward calls replayed, with
@@ -116,9 +119,9 @@ class Recorder:
             self.instr_time[self.step + 1] += time.perf_counter() - t0
 
     def role(self, net) -> str:
-        if self.ref_depth > 0:
-            return "reference"
         explicit = getattr(net, "nfe_role", None)
+        if self.ref_depth > 0 and explicit in (None, "student"):   # a role set inside reference() wins (RTDMD's
+            return "reference"                                       # teacher with --fake-copy adapter)
         b = self.backend
         if explicit is not None and net is not getattr(b, "network", None):
             return str(explicit)
@@ -414,7 +417,7 @@ def _phase(method: str, row: dict) -> str:
 
 
 def measure(method: str, argv: list[str], backend_options: dict | None = None, replays: int = 3,
-            replay_steps: int = 3, threads: int = 1, out: str | None = None) -> dict:
+            replay_steps: int = 5, threads: int = 1, out: str | None = None) -> dict:
     """Run `method`'s main on `argv` (its own flags; --out is set to a temporary directory unless `out`) under the
     instruments, and return one record per phase (RTDMD: stage1 / stage2; the others: train):
 
@@ -513,11 +516,11 @@ def _summarise(method, argv, cfg, rows, rec: Recorder, replays, replay_steps, wa
             if not calls or calls[0].x is None:
                 continue
             reps = [replay_seconds(backend, calls) for _ in range(max(1, replays))]
-            rep_total += statistics.median(reps)
+            rep_total += min(reps)
             step_total += times[steps.index(s)]
             dr_total += rec.decode_time.get(s, 0.0) + rec.reward_time.get(s, 0.0)
             if rec.aux_calls.get(s):
-                aux_total += statistics.median(replay_aux_seconds(rec.aux_calls[s]) for _ in range(max(1, replays)))
+                aux_total += min(replay_aux_seconds(rec.aux_calls[s]) for _ in range(max(1, replays)))
         spp = statistics.mean(samples_per_step(method, cfg, r) for r in prow)
         out.append({
             "method": method, "argv": " ".join(argv), "phase": phase, "steps": n,
