@@ -12,6 +12,11 @@ back-propagation (the hybrid estimator); one fake update per epoch. The maths li
 No network input is evaluated twice at the same weights: the stage-2 rollout is the loss's graph (stage2_rollout),
 the fixed-input evaluations that the chain cannot share are one batched call (stage2_terms), and the consistency
 hop's two samples one fake-score call (benchmarks/harness.py expected_calls counts them).
+`--fake-copy adapter` (the flux, wan, sd3, flux2 presets): the fake score is a second LoRA adapter on the generator's
+transformer and the teacher its base (adapters off) instead of two deep copies: on FLUX.1-dev (11.9 B parameters,
+rank-32 adapters) the three networks hold 24.2 GB instead of 72.0 GB (47.8 GB of bf16 weights fewer, so RTDMD fits
+an 80 GB GPU), with the same losses and gradients (tests/test_rtdmd_lora.py). Checkpoints hold the trained tensors
+only (on FLUX.1 the adapters: 0.6 GB where the three full state dicts were 72 GB) and the script's random streams.
 
 Simplifications against the official code (shared/spec/rtdmd.md): one process does every rollout of an epoch and one
 optimiser step (no 16 sub-batches x gradient accumulation; the loss is divided by |S| + 1 instead of 48); the correct
@@ -33,11 +38,12 @@ On a backend with fewer prompts than groups, groups of one prompt get distinct s
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import random
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, ContextManager, Literal
 
 import torch
 
@@ -67,6 +73,8 @@ class Config(RunConfig):
     timesteps: list[int] = opt([1000, 750, 500, 250], "generator raw timesteps (then the backbone's shift)")
     eta: float = opt(0.9, "CPS noise level eta (0 = Euler, 1 = DMD2 re-noise)", min=0, max=1)
     cfg_scale: float = opt(1.0, "teacher (real score) CFG scale; the fake score never uses CFG", min=0)
+    fake_copy: Literal["full", "adapter"] = opt("full", "fake score and teacher: full = two copies of the network; "
+                                                "adapter = a 2nd LoRA adapter + the base (LoRA backends only)")
     # ----- stage 1: AC-DMD (steps = fake-score iterations) -----
     batch: int = opt(256, "stage-1 batch", min=1)
     dmd: Literal["ac", "plain"] = opt("ac", "ac = ambient (match x_s at s); plain = DMD2 (match x0_hat at s = 0)")
@@ -120,14 +128,97 @@ PRESETS = {
             "reward": "dit_color", "reward_opts": "color_target=red", "prompt_split": "open",
             "lr2": 3e-5, "weight_decay2": 0.0, "cfg_scale": 2.0},
     "sd3": {"batch": 9, "lr": 3e-5, "fake_lr": 3e-5, "cfg_scale": 4.5, "groups": 2, "group_size": 24,
-            "reward": "clip:1,pickscore:1,hps:1", "steps": 15000, "epochs": 1000, "precision": "bf16"},
+            "reward": "clip:1,pickscore:1,hps:1", "steps": 15000, "epochs": 1000, "precision": "bf16",
+            "fake_copy": "adapter"},
     "flux2": {"batch": 6, "lr": 1e-6, "fake_lr": 1e-6, "cfg_scale": 4.0, "groups": 4, "group_size": 24,
-              "reward": "clip:1,pickscore:1,hps:1", "steps": 15000, "epochs": 1000, "precision": "bf16"},
+              "reward": "clip:1,pickscore:1,hps:1", "steps": 15000, "epochs": 1000, "precision": "bf16",
+              "fake_copy": "adapter"},
     "flux": {"batch": 3, "lr": 1e-6, "fake_lr": 1e-6, "cfg_scale": 3.5, "groups": 2, "group_size": 24, "gamma": 0.0,
-             "reward": "clip:1,pickscore:1,hps:1", "steps": 15000, "epochs": 1000, "precision": "bf16"},
+             "reward": "clip:1,pickscore:1,hps:1", "steps": 15000, "epochs": 1000, "precision": "bf16",
+             "fake_copy": "adapter"},
     "wan": {"batch": 2, "lr": 1e-6, "fake_lr": 1e-6, "cfg_scale": 5.0, "groups": 2, "group_size": 8,
-            "reward": "clip", "steps": 15000, "epochs": 1000, "precision": "bf16"},
+            "reward": "clip", "steps": 15000, "epochs": 1000, "precision": "bf16", "fake_copy": "adapter"},
 }
+FAKE_ADAPTER = "fake"     # --fake-copy adapter: the fake score's LoRA adapter on the generator's transformer
+
+
+@dataclass
+class Models:
+    """RTDMD's three networks and how each is called. gen is trained; fake (trained) and teacher (frozen) are
+    separate modules with --fake-copy full, the generator's own module with --fake-copy adapter, where every call
+    of theirs (the fake's backward included) must run inside fake_ctx() / teacher_ctx() (nullcontext otherwise).
+    gen_named / fake_named: the trained tensors, keyed by their path in a separate copy of the network (the
+    checkpoint keys, the same in both modes)."""
+    gen: torch.nn.Module
+    fake: torch.nn.Module
+    teacher: torch.nn.Module
+    fake_ctx: Callable[[], ContextManager]
+    teacher_ctx: Callable[[], ContextManager]
+    gen_named: dict[str, torch.Tensor]
+    fake_named: dict[str, torch.Tensor]
+
+
+@contextlib.contextmanager
+def nfe_role(net, role: str, inner: ContextManager):
+    """inner's block with net.nfe_role = role (the call counters of common.backend and benchmarks/harness.py
+    attribute a module's calls by it: in adapter mode the fake's and the teacher's calls go to the generator's
+    module); the previous role (or its absence) comes back afterwards."""
+    had, old = hasattr(net, "nfe_role"), getattr(net, "nfe_role", None)
+    with inner:
+        net.nfe_role = role
+        try:
+            yield
+        finally:
+            if had:
+                net.nfe_role = old
+            else:
+                del net.nfe_role
+
+
+def build_models(backend, mode: str) -> Models:
+    """The generator (backend.network), the fake score and the teacher (real score), both equal to the generator
+    at the start. full: the fake is a deep copy (trained), the teacher the backend's exact one (toy) or a frozen
+    deep copy. adapter: the fake is a copy of the generator's LoRA adapter as a second adapter on the same
+    transformer, the teacher the base model (backend.reference: adapters off), which is what the frozen copy of
+    the starting generator is (its adapter starts at zero) and stays with --init (the stage-1 adapter is loaded
+    into the generator afterwards; the teacher is the base in both modes). A backend without LoRA: ConfigError."""
+    gen = backend.network
+    trained = lambda net: {n: p for n, p in net.named_parameters() if p.requires_grad}
+    if mode == "full":
+        fake = copy.deepcopy(gen).train()
+        teacher = getattr(backend, "teacher_net", None)
+        teacher = backend.frozen_copy(gen) if teacher is None or teacher is gen else teacher
+        null = contextlib.nullcontext
+        return Models(gen, fake, teacher, null, null, trained(gen), trained(fake))
+    if not (hasattr(backend, "use_adapter") and backend.has_lora(gen)):
+        raise ConfigError(f"--fake-copy adapter needs a LoRA backend (flux, wan, sd3, flux2 without full "
+                          f"fine-tuning); {backend.name} has none: use --fake-copy full")
+    from common.backends.base import ADAPTER
+    gen_named = trained(gen)     # the generator's adapter, before the fake's exists
+    backend.add_adapter_copy(gen, FAKE_ADAPTER, source=ADAPTER)
+    fake_named = backend.adapter_parameters(gen, FAKE_ADAPTER, key_as=ADAPTER)
+    if set(fake_named) != set(gen_named):
+        raise RuntimeError("the fake adapter's tensors do not mirror the generator's trained ones")
+    return Models(gen, gen, gen, lambda: nfe_role(gen, "fake", backend.use_adapter(gen, FAKE_ADAPTER)),
+                  lambda: nfe_role(gen, "teacher", backend.reference(gen)), gen_named, fake_named)
+
+
+def trained_state(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The trained tensors of one network for a checkpoint (not the frozen base weights), detached."""
+    return {k: p.detach() for k, p in named.items()}
+
+
+@torch.no_grad()
+def load_trained(named: dict[str, torch.Tensor], state: dict[str, torch.Tensor], what: str) -> None:
+    """Copy a checkpoint's tensors into the trained ones; extra keys (an older checkpoint's full state dict: the
+    frozen base weights) are ignored, a missing one is a ConfigError (a run of another backend or LoRA setup)."""
+    missing = [k for k in named if k not in state]
+    if missing:
+        raise ConfigError(f"{what}: the checkpoint lacks {len(missing)} of the {len(named)} trained tensors "
+                          f"(e.g. {missing[0]}): a run of another backend or LoRA setup?")
+    for k, p in named.items():
+        p.copy_(state[k].to(p.device, p.dtype))
+
 
 
 def tiled_velocity_fn(backend, net, cond: Cond, guidance: float = 1.0):
@@ -212,10 +303,11 @@ def toy_eval(backend, gen, sigmas, reward, cfg, tilt, euler: bool = True, save_d
     return out
 
 
-def eval_only(cfg: Config, backend, gen, teacher, reward, tilt) -> dict:
+def eval_only(cfg: Config, backend, gen, teacher, reward, tilt, trained_keys) -> dict:
     """--eval-only: the teacher (50 Euler steps, CFG), the base generator and the trained one (its EMA weights) at
     every --eval-nfe CPS budget, on the held-out prompts and noise; eval.md/json in --ckpt's run directory (or
-    --out). On the toy, the binned KL of each to the teacher and to p_tilt is added."""
+    --out). On the toy, the binned KL of each to the teacher and to p_tilt is added. trained_keys: the paths of
+    the generator's trained tensors (Models.gen_named), what the checkpoint's gen_ema holds."""
     from common.evaluate import Sampler, eval_table
     from common.runs import load_checkpoint
     dev = backend.device
@@ -223,7 +315,8 @@ def eval_only(cfg: Config, backend, gen, teacher, reward, tilt) -> dict:
     trained = None
     if cfg.ckpt:
         trained = copy.deepcopy(gen)
-        trained.load_state_dict(load_checkpoint(cfg.ckpt, map_location=dev)["state"]["gen_ema"])
+        named = {k: p for k, p in trained.named_parameters() if k in trained_keys}
+        load_trained(named, load_checkpoint(cfg.ckpt, map_location=dev)["state"]["gen_ema"], f"--ckpt {cfg.ckpt}")
     for k in cfg.eval_nfe:
         grid = backend.sigmas(k)
         samplers[f"base generator (K={k})"] = Sampler(gen, grid, "cps", cfg.eta, 1.0)
@@ -258,11 +351,10 @@ def main(cfg: Config):
     extra = dict(kv.split("=", 1) for kv in cfg.reward_opts.split(",") if "=" in kv)
     reward = build_reward(cfg.reward, device=dev, tiny=cfg.tiny, **extra)
     # ----- models: generator (trained), fake score (trained, starts as a copy), teacher = real score (frozen) -----
-    gen = backend.network
-    fake = copy.deepcopy(gen).train()
-    teacher = getattr(backend, "teacher_net", None)
-    teacher = backend.frozen_copy(gen) if teacher is None or teacher is gen else teacher
-    gen_params, fake_params = backend.trainable_parameters(gen), backend.trainable_parameters(fake)
+    models = build_models(backend, cfg.fake_copy)
+    gen, fake, teacher, fake_ctx, teacher_ctx = (models.gen, models.fake, models.teacher, models.fake_ctx,
+                                                 models.teacher_ctx)
+    gen_params, fake_params = list(models.gen_named.values()), list(models.fake_named.values())
     opt_fake = make_optimizer(fake_params, lr=cfg.fake_lr, weight_decay=0.0)
     opt_gen = make_optimizer(gen_params, lr=cfg.lr, weight_decay=0.0)
     ema = EMA(gen_params, decay=cfg.ema_decay)
@@ -280,8 +372,8 @@ def main(cfg: Config):
     is_toy = getattr(backend, "mixture", None) is not None and hasattr(reward.rewards[0], "tilt_spec")
     if is_toy:
         tilt = backend.target(0).tilt(reward.rewards[0], cfg.beta)  # (p_tilt mixture, log Z), closed form
-    if cfg.eval_only:
-        return eval_only(cfg, backend, gen, teacher, reward, tilt)
+    if cfg.eval_only:   # (adapter mode: the teacher module is gen, untrained here, so the base model itself)
+        return eval_only(cfg, backend, gen, teacher, reward, tilt, set(models.gen_named))
     rng = random.Random(cfg.seed)
     gcpu = torch.Generator().manual_seed(cfg.seed + 1)
 
@@ -311,9 +403,10 @@ def main(cfg: Config):
         return l_amb, l_cons
 
     def fake_step(x_s, s, cond, t_range=None):
-        l_amb, l_cons = fake_loss(x_s.detach(), s, cond, t_range)
         opt_fake.zero_grad(set_to_none=True)
-        (l_amb + cfg.gamma * l_cons).backward()
+        with fake_ctx():   # the backward too: gradient checkpointing recomputes under the adapter active then
+            l_amb, l_cons = fake_loss(x_s.detach(), s, cond, t_range)
+            (l_amb + cfg.gamma * l_cons).backward()
         clip_grad(fake_params, cfg.max_grad_norm)
         opt_fake.step()
         return l_amb.detach(), l_cons.detach()
@@ -332,7 +425,8 @@ def main(cfg: Config):
     if cfg.init:
         from common.runs import load_checkpoint
         st = load_checkpoint(cfg.init, map_location=dev)["state"]     # the latest checkpoint of that run
-        gen.load_state_dict(st["gen_ema"]), fake.load_state_dict(st["fake"])
+        load_trained(models.gen_named, st["gen_ema"], f"--init {cfg.init}")
+        load_trained(models.fake_named, st["fake"], f"--init {cfg.init}")
     if is_toy:
         summary["kl_estimator"] = ("kl_hist_*: toy.metrics.kl_histogram of the CPS(eta) generator (binned, +-se); "
                                    "kl_euler_*: exact change of variables of the same net sampled with eta = 0")
@@ -341,13 +435,21 @@ def main(cfg: Config):
         summary["kl_init_teacher"], summary["kl_init_tilted"] = ev["kl_hist_teacher"], ev["kl_hist_tilted"]
         summary["reward_teacher"] = backend.target(0).expected_reward(reward.rewards[0])
         summary["reward_tilted"], summary["log_z"] = tilt[0].expected_reward(reward.rewards[0]), tilt[1]
-    snapshot = lambda: {"gen": gen.state_dict(), "fake": fake.state_dict(), "ema": ema.state_dict(),
-                        "gen_ema": _ema_state(gen, ema), "opt_gen": opt_gen.state_dict(),
-                        "opt_fake": opt_fake.state_dict()}
+    # checkpoints hold the trained tensors only (with LoRA: the adapters, not the frozen base) and the script's
+    # own random streams (run.resume restores the global ones): a resumed run continues exactly
+    snapshot = lambda: {"gen": trained_state(models.gen_named), "fake": trained_state(models.fake_named),
+                        "ema": ema.state_dict(), "gen_ema": _ema_state(models.gen_named, ema),
+                        "opt_gen": opt_gen.state_dict(), "opt_fake": opt_fake.state_dict(),
+                        "streams": {"prompts": rng.getstate(), "noise": gcpu.get_state()}}
     state = run.resume()
+    resumed_at = run.step
     if state:
-        gen.load_state_dict(state["gen"]), fake.load_state_dict(state["fake"]), ema.load_state_dict(state["ema"])
+        load_trained(models.gen_named, state["gen"], "--resume")
+        load_trained(models.fake_named, state["fake"], "--resume")
+        ema.load_state_dict(state["ema"])
         opt_gen.load_state_dict(state["opt_gen"]), opt_fake.load_state_dict(state["opt_fake"])
+        if "streams" in state:   # (older checkpoints: the streams restart from the seed)
+            rng.setstate(_as_tuple(state["streams"]["prompts"])), gcpu.set_state(state["streams"]["noise"])
     n1 = cfg.steps if run_stage1 else 0
 
     with run.interrupt_guard(snapshot):
@@ -366,8 +468,10 @@ def main(cfg: Config):
                 t = sample_renoise_level(s, gcpu).to(dev)
                 with torch.no_grad():
                     x_t = ambient_forward(x_s.detach(), s, t, randn(x_s.shape))
-                    v_r = backend.velocity(teacher, x_t, t, cond, cfg.cfg_scale)
-                    v_f = backend.velocity(fake, x_t, t, cond, 1.0)
+                    with teacher_ctx():
+                        v_r = backend.velocity(teacher, x_t, t, cond, cfg.cfg_scale)
+                    with fake_ctx():
+                        v_f = backend.velocity(fake, x_t, t, cond, 1.0)
                     y_f, y_r = project_pair(x_t, v_f, v_r, t, s, cfg.eta, randn(x_s.shape))  # shared noise m
                 loss, g = dmd_loss(x_s, y_f, y_r)
                 opt_gen.zero_grad(set_to_none=True)
@@ -398,6 +502,8 @@ def main(cfg: Config):
             for group in opt_gen.param_groups:
                 group["lr"], group["weight_decay"] = cfg.lr2, cfg.weight_decay2
             ema = EMA(gen_params, decay=cfg.ema_decay)    # a fresh stage-2 EMA (the snapshot saves this one)
+            if state and resumed_at > n1:                   # resumed inside stage 2: that EMA, not a fresh one
+                ema.load_state_dict(state["ema"])
         for epoch in range(max(0, run.step - n1), cfg.epochs if run_stage2 else 0):
             # ---- rollout: SubGRPO step choice and group-shared noise at the untrained stochastic steps ----
             S = subgrpo_steps(cfg.seed, epoch, stochastic, cfg.sub_steps)
@@ -439,8 +545,10 @@ def main(cfg: Config):
             t = lo_t + (hi_t - lo_t) * torch.rand(B, generator=gcpu).to(dev)
             with torch.no_grad():
                 x_t = ambient_forward(x0.detach(), 0.0, t, randn(x0.shape))
-                v_r = backend.velocity(teacher, x_t, t, cond, cfg.cfg_scale)
-                v_f = backend.velocity(fake, x_t, t, cond, 1.0)
+                with teacher_ctx():
+                    v_r = backend.velocity(teacher, x_t, t, cond, cfg.cfg_scale)
+                with fake_ctx():
+                    v_f = backend.velocity(fake, x_t, t, cond, 1.0)
             if cfg.advantage == "raw":        # unnormalised: grad = (1 - t)(s_fake - s_real), calibrated vs beta
                 l_dm = linear_surrogate(x0, kl_direction(v_f, v_r, t))
                 l_bp = -cfg.beta * reward.combine(reward(backend.decode(x0_last), cond.prompts)).mean() if cfg.bp \
@@ -489,10 +597,16 @@ def main(cfg: Config):
     return summary
 
 
-def _ema_state(gen, ema):
-    """The generator's state dict with the EMA averages in place of the trained parameters."""
+def _ema_state(named: dict[str, torch.Tensor], ema: EMA) -> dict[str, torch.Tensor]:
+    """The generator's trained tensors (named: key -> parameter, the EMA's parameters) with the EMA averages in
+    their place: what --init and --eval-only load."""
     with ema.swapped():
-        return {k: v.detach().clone() for k, v in gen.state_dict().items()}
+        return {k: p.detach().clone() for k, p in named.items()}
+
+
+def _as_tuple(v):
+    """random.Random.setstate wants tuples all the way down (a checkpoint may give lists back)."""
+    return tuple(_as_tuple(x) for x in v) if isinstance(v, (list, tuple)) else v
 
 
 def _small(cfg):

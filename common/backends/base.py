@@ -18,10 +18,12 @@ Design choices (documented here once):
     reference(net) disables the adapter for the duration of the block (no copy); full fine-tuning falls back
     to the base class's kept copy (keep_reference).
   * frozen_copy(net) is a deep copy (the adapter, if any, comes along frozen): a teacher or fake score that
-    must not move when the policy's adapter does. A second adapter on the same module would save memory but
-    makes every enable/disable call stateful across the copies; the deep copy is the simple, safe choice.
-    For the 12B FLUX transformer that is 24 GB in bf16: methods that only need the base policy should use
-    reference(net) instead.
+    must not move when the policy's adapter does. For the 12B FLUX transformer that is 24 GB in bf16: methods
+    that only need the base policy should use reference(net) instead, and a second trained network can be a
+    second adapter on the same transformer: add_adapter_copy(net, name) and use_adapter(net, name) (RTDMD's
+    fake score). peft's set_adapter / enable_adapters also flip requires_grad (the active adapter trainable, the
+    others frozen), so reference() and use_adapter() switch the adapter only and give every requires_grad flag
+    back as it was, inside the block and after it (else a second adapter would stop training, silently).
   * save_lora(dir) writes the diffusers LoRA format (pytorch_lora_weights.safetensors with the adapter's
     rank/alpha metadata), so `Pipeline.load_lora_weights(dir)` takes a trained result.
 """
@@ -29,11 +31,12 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import copy
 import os
 import shutil
 import tempfile
 import warnings
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -88,6 +91,67 @@ def diffusers_models(net: nn.Module) -> list[nn.Module]:
 def has_adapter(model: nn.Module) -> bool:
     """True when a peft adapter is attached to this diffusers model."""
     return bool(getattr(model, "_hf_peft_config_loaded", False)) and ADAPTER in getattr(model, "peft_config", {})
+
+
+def is_adapter_tensor(path: str, name: str = ADAPTER) -> bool:
+    """True when a parameter path (e.g. 'blocks.0.attn.to_q.lora_A.default.weight') belongs to adapter `name`:
+    peft stores each adapter's factors under lora_*.<adapter name>."""
+    parts = path.split(".")
+    return any(a.startswith("lora_") and b == name for a, b in zip(parts, parts[1:]))
+
+
+def rename_adapter_path(path: str, name: str, new: str) -> str:
+    """The parameter path with its adapter-name segment (the one after lora_*) changed from name to new."""
+    parts = path.split(".")
+    return ".".join(new if i and parts[i - 1].startswith("lora_") and part == name else part
+                    for i, part in enumerate(parts))
+
+
+class AdapterState(NamedTuple):
+    """What peft's adapter switches change on one diffusers model: the active adapter names, whether adapters are
+    disabled, and every parameter's requires_grad flag."""
+    active: list[str]
+    disabled: bool
+    flags: list[tuple[nn.Parameter, bool]]
+
+
+def adapter_state(model: nn.Module) -> AdapterState:
+    """The current AdapterState of a diffusers model with at least one peft adapter."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    layer = next(m for m in model.modules() if isinstance(m, BaseTunerLayer))
+    return AdapterState(list(layer.active_adapters), bool(layer.disable_adapters),
+                        [(p, p.requires_grad) for p in model.parameters()])
+
+
+def restore_adapter_state(model: nn.Module, state: AdapterState, flags_only: bool = False) -> None:
+    """Put back the active adapter(s), the enabled/disabled switch (unless flags_only) and the requires_grad flags
+    (last: set_adapter and enable_adapters rewrite them)."""
+    if not flags_only:
+        model.set_adapter(state.active)
+        model.disable_adapters() if state.disabled else model.enable_adapters()
+    for p, flag in state.flags:
+        p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def switched_adapter(models: list[nn.Module], name: str | None) -> Iterator[None]:
+    """Run the block with adapter `name` active on every model (None: adapters disabled, the base model); the
+    requires_grad flags stay as they were inside the block, and everything is restored afterwards, also when the
+    block raises."""
+    saved = [adapter_state(m) for m in models]
+    try:
+        for m, st in zip(models, saved):
+            if name is None:
+                m.disable_adapters()
+            else:
+                m.set_adapter(name)
+                if st.disabled:
+                    m.enable_adapters()
+            restore_adapter_state(m, st, flags_only=True)
+        yield
+    finally:
+        for m, st in zip(models, saved):
+            restore_adapter_state(m, st)
 
 
 def _is_rank0() -> bool:
@@ -328,19 +392,68 @@ class DiffusersBackend(Backend):
 
     @contextlib.contextmanager
     def reference(self, net: nn.Module) -> Iterator[nn.Module]:
-        """The base policy: the adapter disabled for the block (LoRA), else the kept copy (full fine-tuning)."""
+        """The base policy: the adapters disabled for the block (LoRA; the active adapter and every requires_grad
+        flag as before, inside and after), else the kept copy (full fine-tuning)."""
         models = diffusers_models(net)
         if not all(has_adapter(m) for m in models):
             with super().reference(net) as ref:
                 yield ref
             return
-        for m in models:
-            m.disable_adapters()
-        try:
+        with switched_adapter(models, None):
             yield net
-        finally:
-            for m in models:
-                m.enable_adapters()
+
+    def has_lora(self, net: nn.Module) -> bool:
+        """True when every transformer in net carries the LoRA adapter (False with --full-finetune)."""
+        return all(has_adapter(m) for m in diffusers_models(net))
+
+    def adapter_parameters(self, net: nn.Module, name: str = ADAPTER,
+                           key_as: str | None = None) -> dict[str, nn.Parameter]:
+        """Adapter `name`'s tensors in net, keyed by their net.named_parameters() path; key_as: that path with the
+        adapter's name segment written as key_as (e.g. a second adapter's tensors under the keys the first one's
+        would have in a separate copy of the network, so that checkpoints do not depend on where it lives)."""
+        out = {}
+        for path, p in net.named_parameters():
+            if is_adapter_tensor(path, name):
+                out[path if key_as is None else rename_adapter_path(path, name, key_as)] = p
+        return out
+
+    def add_adapter_copy(self, net: nn.Module, name: str, source: str = ADAPTER) -> dict[str, nn.Parameter]:
+        """A second LoRA adapter `name` on every transformer in net: source's config, a copy of source's current
+        values, float32 and trainable (like _add_adapter_to). The active adapter and the other parameters'
+        requires_grad flags are left as they were (source stays active). Returns adapter_parameters(net, name)."""
+        if name == source:
+            raise BackendError(f"adapter {name!r}: a copy needs a name of its own")
+        for m in diffusers_models(net):
+            if not (getattr(m, "_hf_peft_config_loaded", False) and source in m.peft_config):
+                raise BackendError(f"{self.name}: no LoRA adapter {source!r} to copy (trained with --full-finetune?)")
+            if name in m.peft_config:
+                raise BackendError(f"{self.name}: adapter {name!r} exists already")
+            st = adapter_state(m)
+            # peft draws the new adapter's gaussian init from the global stream: a copy must not move the run's draws
+            devices = sorted({p.device.index or 0 for p in m.parameters() if p.device.type == "cuda"})
+            with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")   # two adapters: the aim
+                m.add_adapter(copy.deepcopy(m.peft_config[source]), adapter_name=name)
+            restore_adapter_state(m, st)   # add_adapter activated the new adapter and froze the source
+            src = self.adapter_parameters(m, source)
+            with torch.no_grad():
+                for key, p in self.adapter_parameters(m, name, key_as=source).items():
+                    p.data = src[key].detach().clone().float()
+                    p.requires_grad_(True)
+        return self.adapter_parameters(net, name)
+
+    @contextlib.contextmanager
+    def use_adapter(self, net: nn.Module, name: str) -> Iterator[nn.Module]:
+        """Every transformer in net runs with adapter `name` (alone) for the block, with gradients where its tensors
+        require them; the previous active adapter and every requires_grad flag come back afterwards (also on an
+        exception). Backward passes through activations recomputed under gradient checkpointing must run inside
+        the block too: the recomputation uses whichever adapter is active then."""
+        models = diffusers_models(net)
+        missing = [m for m in models if name not in getattr(m, "peft_config", {})]
+        if missing:
+            raise BackendError(f"{self.name}: no LoRA adapter {name!r} (see add_adapter_copy)")
+        with switched_adapter(models, name):
+            yield net
 
     def lora_state_dicts(self, net: nn.Module | None = None) -> list[dict[str, torch.Tensor]]:
         """peft state dicts (keys without the 'transformer.' prefix), one per transformer in net, full CPU
