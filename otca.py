@@ -6,9 +6,10 @@ R. Li, K. Hao, Y. Liang, H. Huang, C. Zhang, Y. Gu, X. Li, arXiv 2604.19234 (Apr
 What this script implements (one code path for every backend; the maths lives in common/credit.py):
   * the Flow-GRPO / DanceGRPO loop: SDE rollouts in groups of G samples per prompt (contiguous, Cond.repeat) with
     the log-probability of every transition stored under no_grad; M reward objectives on the final samples;
-    advantages; then, for every trained denoising step in turn, the log-probability recomputed under the current
-    network, the PPO clipped surrogate, and backward (only one step's graph is alive at a time); one optimizer
-    step per minibatch.
+    advantages; then, for rank j = 0..n-1 of the n trained steps in turn, each sample's own j-th trained step
+    t_i(j) recomputed under the current network in one batched call per chunk (per-row states and sigmas, so a
+    --train-fraction below 1 saves its share of the training calls), the PPO clipped surrogate, and backward (only
+    one graph is alive at a time); one optimizer step per minibatch.
   * --reuse-rollout-graph (on in the toy2d and dit presets): with one inner epoch and one minibatch the only
     recomputation would evaluate the network at the rollout's own weights on the rollout's own inputs, so the
     rollout itself keeps the graphs of its K - 1 stochastic steps (inputs detached: log pi(z_{t+1} | z_t) with z_t
@@ -159,8 +160,8 @@ def checks(cfg: Config) -> str | None:
 def batch_layout(n_groups: int, G: int, minibatches: int, micro_batch: int) -> list[list[slice]]:
     """The forward chunks of every minibatch: minibatches are contiguous runs of whole groups, and each is cut into
     forward chunks of micro_batch samples (0 = the whole minibatch). The rollout and the training recomputation use
-    exactly these chunks, so a network whose output depends on the batch composition (any batched matmul) still
-    gives an importance ratio of exactly 1 on-policy: the training pass forwards whole chunks and masks the loss."""
+    exactly these chunks, so a network whose output depends on the batch shape (any batched matmul) still gives an
+    importance ratio of exactly 1 on-policy: the training pass forwards whole chunks, each row at its own step."""
     out, start = [], 0
     for gs in torch.arange(n_groups).chunk(minibatches):
         n = len(gs) * G
@@ -180,6 +181,18 @@ def trained_mask(B: int, K: int, fraction: float, generator: torch.Generator) ->
     n = max(1, int(round(fraction * (K - 1))))
     idx = torch.rand(B, K - 1, generator=generator).argsort(1)[:, :n]
     return mask.scatter_(1, idx, True)
+
+
+def rank_steps(trained: torch.Tensor) -> torch.Tensor:
+    """(B, n) long: the steps each row trains, ascending; column j holds t_i(j), row i's j-th trained step.
+
+    trained: (B, K) bool with the same number n of steps per row (trained_mask). The recomputation trains rank j of
+    every row in one call (Flow-GRPO's per-sample timestep subsets), so each chunk costs n calls, not K - 1 with
+    rows masked out. Fraction 1: column j is step j for every row, the plain per-step loop."""
+    counts = trained.sum(1)
+    if not bool((counts == counts[0]).all()):
+        raise ValueError(f"rows train different numbers of steps: {counts.tolist()}")
+    return trained.nonzero()[:, 1].reshape(trained.shape[0], -1)   # nonzero is row-major: each row ascending
 
 
 def average_gradients(params: list[torch.nn.Parameter]) -> None:
@@ -240,27 +253,25 @@ def host_sum(values: list[torch.Tensor], divisors: list[int] | None = None) -> f
     return sum(v / d for v, d in zip(flat, divisors)) if divisors is not None else sum(flat, 0.0)
 
 
-def ratio_statistics(records: list[tuple[int, torch.Tensor, torch.Tensor, bool]], K: int, clip: float) -> dict:
-    """The logged statistics of one training step's importance ratios, from records (t, ratio (n,), trained (n,)
-    bool, on_policy) kept on the device until here: one device -> host copy, not a sync per step and chunk.
-    Per denoising step t over the rows that trained it: min, max, mean (None where none did); the clip fraction
-    over every trained row; the largest |ratio - 1| over the first inner step's rows (exactly 0 on-policy)."""
-    sizes = [r.numel() for _, r, _, _ in records]
-    both = torch.stack([torch.cat([r for _, r, _, _ in records]),
+def ratio_statistics(records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]], K: int, clip: float) -> dict:
+    """The logged statistics of one training step's importance ratios, from records (t (n,) long on the host: each
+    row's denoising step, ratio (n,), trained (n,) bool, on_policy) kept on the device until here: one device -> host
+    copy, not a sync per step and chunk. Per denoising step t over the rows that trained it (scattered by each row's
+    own t): min, max, mean (None where none did); the clip fraction over every trained row; the largest |ratio - 1|
+    over the first inner step's rows (exactly 0 on-policy)."""
+    ts = torch.cat([t for t, _, _, _ in records])
+    first = torch.cat([torch.full((r.numel(),), on) for _, r, _, on in records])
+    r, m = torch.stack([torch.cat([r for _, r, _, _ in records]),
                         torch.cat([m for _, _, m, _ in records]).float()]).cpu()
-    lo, hi = torch.full((K,), float("nan")), torch.full((K,), float("nan"))
-    total, count, kept, first_dev = torch.zeros(K), torch.zeros(K), [], 0.0
-    for (t, _, _, on_policy), r, m in zip(records, both[0].split(sizes), both[1].split(sizes)):
-        rd = r[m.bool()]
-        if on_policy:
-            first_dev = max(first_dev, float((rd - 1).abs().max()))
-        lo[t] = torch.fmin(lo[t], rd.min())  # fmin/fmax skip the initial NaN
-        hi[t] = torch.fmax(hi[t], rd.max())
-        total[t] += rd.sum()
-        count[t] += rd.numel()
-        kept.append(rd)
-    return {"clip_frac": float(clip_fraction(torch.cat(kept), clip)), "ratio_min": finite_or_none(lo[:K - 1]),
-            "ratio_max": finite_or_none(hi[:K - 1]), "ratio_mean": finite_or_none((total / count)[:K - 1]),
+    keep = m.bool()
+    r, ts, first = r[keep], ts[keep], first[keep]
+    nan = torch.full((K,), float("nan"))
+    lo = nan.scatter_reduce(0, ts, r, "amin", include_self=False)   # untouched steps keep NaN -> None
+    hi = nan.scatter_reduce(0, ts, r, "amax", include_self=False)
+    mean = torch.zeros(K).index_add_(0, ts, r) / torch.bincount(ts, minlength=K)
+    first_dev = float((r[first] - 1).abs().max()) if bool(first.any()) else 0.0
+    return {"clip_frac": float(clip_fraction(r, clip)), "ratio_min": finite_or_none(lo[:K - 1]),
+            "ratio_max": finite_or_none(hi[:K - 1]), "ratio_mean": finite_or_none(mean[:K - 1]),
             "ratio_first_dev": first_dev}
 
 
@@ -410,54 +421,59 @@ def main(cfg: Config) -> dict:
             credit_sum += credit
             credit_n += 1
             # ===================================== loss and update ============================================
-            # Per trained step t and chunk: log pi(z_{t+1} | z_t) under the current network (recomputed, or with
-            # reuse the rollout's own graph), the clipped surrogate. Weight 1 / (n |S_i|) per (i, t in S_i): J = mean_i
-            # mean_{t in S_i} over the n samples of the minibatch. Rows that do not train step t ride along in their
-            # chunk, masked out. Backward at once, step by step in both paths (so their gradients are bitwise
-            # equal). Losses, KLs and ratios stay on the device: one host sync per optimizer step.
-            losses, kls, kl_rows, ratios = [], [], [], []   # ratios: (t, ratio, trained rows, on-policy)
+            # Passes p, one batched call and one backward per pass and chunk. Recomputation: pass p trains every
+            # row's own p-th trained step t_i(p) (per-row states and sigmas), n passes, no row evaluated for nothing.
+            # Reuse: pass p is step t = p, whose graph the rollout kept for every row; rows not training it are masked
+            # out of the loss. Per (i, t): log pi(z_{t+1} | z_t) under the current network, the clipped surrogate,
+            # weight 1 / (n_rows |S_i|): J = mean_i mean_{t in S_i} over the n_rows samples of the minibatch.
+            # Backward at once, pass by pass in both paths (so at fraction 1 their gradients are bitwise equal).
+            # Losses, KLs and ratios stay on the device: one host sync per optimizer step.
+            steps = torch.arange(K - 1).expand(B, -1) if reuse else rank_steps(trained_cpu)   # (B, passes): t_i(p)
+            on_cpu = trained_cpu.gather(1, steps)    # (B, passes): row i trains pass p (recomputation: always)
+            steps_dev, on, rows_all = steps.to(device), on_cpu.to(device), torch.arange(B, device=device)
+            losses, kls, kl_rows, ratios = [], [], [], []   # ratios: (t per row, ratio, trained rows, on-policy)
             for epoch in range(cfg.inner_epochs):
                 for mb_i, mb in enumerate(layout):
                     n_rows = mb[-1].stop - mb[0].start
                     first_inner = epoch == 0 and mb_i == 0
                     opt_.zero_grad(set_to_none=True)
                     mb_losses = []
-                    for t in range(K - 1):
+                    for p in range(steps.shape[1]):
                         for c, sl in enumerate(mb):
-                            if not trained_cpu[sl, t].any():                  # no row of this chunk trains step t
+                            if not on_cpu[sl, p].any():                  # reuse: no row of this chunk trains step p
                                 continue
-                            m_t, c_sl = trained[sl, t], cond.select(sl)       # rows training step t
+                            rows, t, m_t, c_sl = rows_all[sl], steps_dev[sl, p], on[sl, p], cond.select(sl)
+                            x_t, s_t, s_next = states[rows, t], sigmas[t], sigmas[t + 1]     # (n, *latent), (n,)
                             if reuse:  # one minibatch: chunk c is trajs[c]; std shaped like the latent, for the KL
-                                lp, mean = graphs[c][t]
-                                std = trajs[c].stds[:, t].reshape(-1, *[1] * (states.ndim - 2))
+                                lp, mean = graphs[c][p]
+                                std = trajs[c].stds[:, p].reshape(-1, *[1] * (states.ndim - 2))
                             else:
                                 with autocast(cfg.precision, device):
                                     lp, mean, std = transition_logprob(
-                                        backend.velocity_fn(net, c_sl), states[sl, t], states[sl, t + 1],
-                                        sigmas[t], sigmas[t + 1], cfg.sde, eta, sigma_max=sigma_max)
+                                        backend.velocity_fn(net, c_sl), x_t, states[rows, t + 1], s_t, s_next,
+                                        cfg.sde, eta, sigma_max=sigma_max)
                             if cfg.objectives == "sum":
-                                loss_i, ratio = per_objective_clipped_loss(lp, logp_old[sl, t], adv_obj[sl, t], lam,
-                                                                           cfg.clip)
+                                loss_i, ratio = per_objective_clipped_loss(lp, logp_old[rows, t], adv_obj[rows, t],
+                                                                           lam, cfg.clip)
                             else:
-                                loss_i, ratio = fused_clipped_loss(lp, logp_old[sl, t], adv[sl, t], cfg.clip)
+                                loss_i, ratio = fused_clipped_loss(lp, logp_old[rows, t], adv[rows, t], cfg.clip)
                             if cfg.beta_kl > 0:
                                 with torch.no_grad(), backend.reference(net) as ref, autocast(cfg.precision, device):
-                                    v_ref = backend.velocity(ref, states[sl, t], sigmas[t].expand(m_t.numel()), c_sl)
-                                    _, mean_ref, _ = sde_step(states[sl, t], v_ref, sigmas[t], sigmas[t + 1],
-                                                              cfg.sde, eta, noise=torch.zeros_like(mean),
-                                                              sigma_max=sigma_max)
+                                    v_ref = backend.velocity(ref, x_t, s_t, c_sl)
+                                    _, mean_ref, _ = sde_step(x_t, v_ref, s_t, s_next, cfg.sde, eta,
+                                                              noise=torch.zeros_like(mean), sigma_max=sigma_max)
                                 kl = gaussian_kl_same_std(mean, mean_ref, std)
                                 loss_i = loss_i + cfg.beta_kl * kl
                                 kls.append((m_t * kl.detach() / n_trained[sl]).sum())
                                 kl_rows.append(n_rows)
                             if cfg.debug and first_inner:  # on-policy: the ratio must be exactly 1 (anchors.md
                                 rd = ratio.detach().float()[m_t]  # pitfall 5); the only per-step sync, debug only
-                                assert bool((rd == 1).all()), f"ratio != 1 on-policy at step {t}: {rd.cpu()}"
-                            ratios.append((t, ratio.detach().float(), m_t, first_inner))
-                            loss = (m_t * loss_i / n_trained[sl]).sum() / n_rows  # this minibatch's J, step t
-                            loss.backward()   # frees this step's graph (recomputation: the only one alive)
+                                assert bool((rd == 1).all()), f"ratio != 1 on-policy, steps {steps[sl, p]}: {rd.cpu()}"
+                            ratios.append((steps[sl, p], ratio.detach().float(), m_t, first_inner))
+                            loss = (m_t * loss_i / n_trained[sl]).sum() / n_rows  # this minibatch's J, pass p
+                            loss.backward()   # frees this pass's graph (recomputation: the only one alive)
                             mb_losses.append(loss.detach())
-                    mb_loss = torch.stack(mb_losses)                                  # (trained steps x chunks,)
+                    mb_loss = torch.stack(mb_losses)                                  # (passes x chunks,)
                     run.check_finite(loss=mb_loss)  # before the update; the one host sync of an optimizer step
                     losses.append(mb_loss)
                     average_gradients(params)  # data parallel: the mean over ranks of each rank's J

@@ -23,11 +23,15 @@ pytestmark = pytest.mark.usefixtures("restore_torch_globals")   # otca.main sets
 TIMING = {"time", "step_time", "peak_mem_mb"}
 
 
-def _run(out, flags, monkeypatch):
-    """One toy run; returns (metrics rows without timings, final checkpoint state, recomputation calls)."""
+def _run(out, flags, monkeypatch, step_order=False):
+    """One toy run; returns (metrics rows without timings, final checkpoint state, recomputation calls).
+    step_order: the recomputation loops over the steps t = 0..K-2 with the rows not training t masked (the order of
+    the reuse path) instead of over each row's trained steps by rank (tests/test_otca_ranks.py: equal to rounding)."""
     calls = []
     real = otca.transition_logprob
     monkeypatch.setattr(otca, "transition_logprob", lambda *a, **k: calls.append(1) or real(*a, **k))
+    if step_order:
+        monkeypatch.setattr(otca, "rank_steps", lambda tr: torch.arange(tr.shape[1] - 1).expand(tr.shape[0], -1))
     cfg = parse_config(otca.Config, argv=["--out", str(out), "--device", "cpu", *flags], presets=otca.PRESETS,
                        checks=[otca.checks])
     otca.main(cfg)
@@ -53,11 +57,13 @@ def test_reuse_matches_recomputation_bitwise(tmp_path, monkeypatch, flags):
     """From the same seed, two training steps with the rollout's graphs and with recomputation: the same logged
     losses, KL, ratio statistics and gradient norms, the same optimizer state (AdamW's moments are functions of the
     gradients: after step 1, exp_avg = 0.1 g) and the same updated parameters, bitwise: each step's graph is the
-    recomputation's, and the backwards run in the same order. The reuse run never recomputes."""
+    recomputation's, and the backwards run in the same order (at fraction 0.6 the recomputation in the step order of
+    the reuse path; at fraction 1 the rank loop is that order). The reuse run never recomputes."""
     common = ["--steps", "2", "--nfe", "5", "--group-size", "3", "--prompts-per-step", "2", "--eval-samples", "0",
               "--debug", *flags]
     rows_r, state_r, calls_r = _run(tmp_path / "reuse", [*common, "--reuse-rollout-graph"], monkeypatch)
-    rows_o, state_o, calls_o = _run(tmp_path / "recompute", [*common, "--no-reuse-rollout-graph"], monkeypatch)
+    rows_o, state_o, calls_o = _run(tmp_path / "recompute", [*common, "--no-reuse-rollout-graph"], monkeypatch,
+                                    step_order="--train-fraction" in flags)
     assert calls_r == 0 and calls_o > 0
     assert rows_r == rows_o
     assert rows_r[0]["ratio_first_dev"] == 0.0
@@ -124,12 +130,14 @@ def test_host_sum_is_the_running_float_sum(pairs):
 
 
 def test_ratio_statistics_over_trained_rows_only():
-    """Per step: min / max / mean over the rows that trained it (masked rows ignored, None where no row did); the
-    clip fraction over every trained row; the on-policy deviation from the first inner step's records only."""
+    """Per step: min / max / mean over the rows that trained it (masked rows ignored, None where no row did), each
+    row counted at its own step (a rank record mixes steps); the clip fraction over every trained row; the
+    on-policy deviation from the first inner step's records only."""
     T, F = True, False
-    records = [(0, torch.tensor([1.0, 1.5, 0.5]), torch.tensor([T, T, F]), True),
-               (0, torch.tensor([0.9, 7.0]), torch.tensor([T, F]), False),
-               (2, torch.tensor([1.0, 1.2]), torch.tensor([T, T]), False)]
+    records = [(torch.tensor([0, 0, 0]), torch.tensor([1.0, 1.5, 0.5]), torch.tensor([T, T, F]), True),
+               (torch.tensor([0, 0]), torch.tensor([0.9, 7.0]), torch.tensor([T, F]), False),
+               (torch.tensor([2, 0]), torch.tensor([1.0, 9.0]), torch.tensor([T, F]), False),   # rows at steps 2, 0
+               (torch.tensor([2]), torch.tensor([1.2]), torch.tensor([T]), False)]
     s = otca.ratio_statistics(records, K=4, clip=0.15)
     assert s["ratio_min"][1] is s["ratio_max"][1] is s["ratio_mean"][1] is None      # nobody trained step 1
     assert len(s["ratio_min"]) == 3                                                  # K - 1: never the last step
