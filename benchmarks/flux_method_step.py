@@ -11,9 +11,11 @@ The steps run the project's own maths (common.flow.rollout / transition_logprob,
          transformer, what rats.py does through Backend.frozen_copy: +23.8 GB of bf16 weights) or adapter (a second
          LoRA adapter on the shared frozen base, swapped in for the teacher rollout).
   grpo:  G samples per prompt in chunks of --micro-batch: the K-step SDE rollout (dance, eta 0.3) under no_grad with
-         stored log-probabilities, then for every trained step and chunk the log-probability recomputed with
-         gradients, the clipped surrogate, backward (one step's graph alive at a time), one AdamW step: otca.py's loop
-         (TCD/MOCA weights cost nothing next to the network).
+         stored log-probabilities; each sample trains its own random n = max(1, round(f (K - 1))) of the K - 1
+         stochastic steps; then for each rank j < n and chunk one call recomputes the log-probability with gradients
+         at every row's own j-th trained step (per-row states and sigmas), the clipped surrogate, backward (one
+         graph alive at a time), one AdamW step: otca.py's loop (TCD/MOCA weights cost nothing next to the network).
+         Calls per step: K x chunks rollout calls without grad, n x chunks with grad (defaults: 48 and 9 x 3 = 27).
 Not included (both methods): the VAE decode and the reward model (HPS ViT-H-14: about 2 GB of weights and one
 forward/backward per sample) and the text encoders. So these are lower bounds of the scripts' step on FLUX.
 
@@ -73,6 +75,7 @@ def main(argv=None) -> dict:
     from common.flow import flux_mu, make_sigmas, rollout, transition_logprob
     from common.rl import clipped_surrogate
     from common.shaping import match_horizons, shaping_loss
+    from otca import rank_steps
     K = a.nfe or (3 if a.method == "rats" else 16)
     if min(a.steps, a.batch, a.group_size, a.micro_batch, K, a.teacher_nfe) < 1 or not 0 < a.train_fraction <= 1:
         print("error: counts must be >= 1 and --train-fraction in (0, 1]", file=sys.stderr)
@@ -164,23 +167,22 @@ def main(argv=None) -> dict:
         n_tr = max(1, int(round(a.train_fraction * (K - 1))))
         trained = torch.zeros(G, K, dtype=torch.bool)
         trained.scatter_(1, torch.rand(G, K - 1, generator=g).argsort(1)[:, :n_tr], True)
-        trained = trained.to(device)
+        steps = rank_steps(trained).to(device)      # (G, n_tr): each sample's trained steps, ascending
+        rows_all, sigma_max = torch.arange(G, device=device), float(sig_S[1])   # host reads once, as otca.py does
         opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for t in range(K - 1):
+        total = torch.zeros((), device=device)     # on the device: no host sync per call
+        for j in range(n_tr):        # rank j: every row at its own j-th trained step, one call per chunk
             for sl in chunks:
-                m = trained[sl, t]
-                if not bool(m.any()):
-                    continue
-                lp, _, _ = transition_logprob(velocity_fn(net), states[sl, t], states[sl, t + 1], sig_S[t],
-                                              sig_S[t + 1], "dance", 0.3, sigma_max=float(sig_S[1]))
-                loss_i, _ = clipped_surrogate(lp, logp_old[sl, t], adv[sl], 1e-4)
-                loss = (m * loss_i).sum() / (G * n_tr)
+                rows, t = rows_all[sl], steps[sl, j]
+                lp, _, _ = transition_logprob(velocity_fn(net), states[rows, t], states[rows, t + 1], sig_S[t],
+                                              sig_S[t + 1], "dance", 0.3, sigma_max=sigma_max)
+                loss_i, _ = clipped_surrogate(lp, logp_old[rows, t], adv[sl], 1e-4)
+                loss = loss_i.sum() / (G * n_tr)
                 loss.backward()
-                total += float(loss.detach())
+                total += loss.detach()
                 nfe["recompute_grad"] += 1
         opt.step()
-        return total
+        return float(total)
 
     step = rats_step if a.method == "rats" else grpo_step
 
@@ -196,7 +198,8 @@ def main(argv=None) -> dict:
     if a.method == "rats":
         res.update(teacher_nfe=a.teacher_nfe, batch=a.batch, teacher_copy=a.teacher_copy)
     else:
-        res.update(group_size=a.group_size, micro_batch=a.micro_batch, train_fraction=a.train_fraction)
+        res.update(group_size=a.group_size, micro_batch=a.micro_batch, train_fraction=a.train_fraction,
+                   trained_steps_per_sample=max(1, int(round(a.train_fraction * (K - 1)))))
     return report(res, device, a.out)
 
 
