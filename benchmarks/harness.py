@@ -294,8 +294,8 @@ def expected_calls(method: str, cfg, row: dict, chunks: int = 1) -> collections.
 
     RATS:  per micro-batch K student calls with grad (the first K - k without with --reward-grad-steps k) and N
            teacher calls without; x grad_accum.
-    OTCA:  K rollout calls per forward chunk without grad; (K - 1) recomputations with grad per chunk and inner epoch
-           (train_fraction 1: every non-final step; fewer chunks may skip a step when < 1: not predicted here).
+    OTCA:  K rollout calls per forward chunk without grad; n recomputations with grad per chunk and inner epoch, each
+           row at its own j-th trained step (n = K - 1 at train_fraction 1, else max(1, round(train_fraction (K - 1)))).
            With --reuse-rollout-graph (1 inner epoch, 1 minibatch): K rollout calls per chunk, the K - 1 stochastic
            ones with grad and the last without, and no recomputation.
     RTDMD: stage 1: k_fake generator calls without grad (random stop), 1 fake call with grad (+1 with --gamma > 0:
@@ -317,14 +317,17 @@ def expected_calls(method: str, cfg, row: dict, chunks: int = 1) -> collections.
     elif method == "otca":
         K = cfg.nfe
         # otca.reuses_rollout_graph: the rollout's stochastic steps keep their graphs, nothing is recomputed
-        if getattr(cfg, "reuse_rollout_graph", False) and cfg.inner_epochs == 1 and cfg.minibatches == 1:
+        reuse = getattr(cfg, "reuse_rollout_graph", False) and cfg.inner_epochs == 1 and cfg.minibatches == 1
+        f = getattr(cfg, "train_fraction", 1.0)
+        n = K - 1 if f >= 1 or reuse else max(1, int(round(f * (K - 1))))   # trained steps per sample
+        if reuse:
             e[("student", True)] += chunks * (K - 1)
             e[("student", False)] += chunks
         else:
             e[("student", False)] += chunks * K
-            e[("student", True)] += cfg.inner_epochs * chunks * (K - 1)
+            e[("student", True)] += cfg.inner_epochs * chunks * n
         if cfg.beta_kl > 0:
-            e[("reference", False)] += cfg.inner_epochs * chunks * (K - 1)
+            e[("reference", False)] += cfg.inner_epochs * chunks * n
     elif method == "rtdmd":
         cons = 1 if cfg.gamma > 0 else 0   # common.dmd.consistency_loss: its two samples in one batched call
         if row.get("stage") == 1:
@@ -491,9 +494,6 @@ def _summarise(method, argv, cfg, rows, rec: Recorder, replays, replay_steps, wa
             eval_calls += sum(1 for c in by_step.get(s, []) if c.eval)
             got = collections.Counter((c.role, c.grad) for c in train)
             exp = expected_calls(method, cfg, r, otca_chunks)
-            # train_fraction < 1 (OTCA) can skip a chunk's step when none of its rows trains it: not predicted
-            if method == "otca" and cfg.train_fraction < 1:
-                exp[("student", True)] = got[("student", True)]
             match &= got == exp
             for c in train:
                 calls_n[_key((c.role, c.grad))] += 1

@@ -105,6 +105,9 @@ def test_expected_calls_formula_independent_of_the_run():
     cfg = type("C", (), dict(nfe=10, inner_epochs=2, beta_kl=0.04))()
     assert expected_calls("otca", cfg, {}, chunks=3) == collections.Counter(
         {("student", False): 30, ("student", True): 54, ("reference", False): 54})
+    cfg = type("C", (), dict(nfe=10, inner_epochs=2, beta_kl=0.04, train_fraction=0.6))()   # n = round(5.4) = 5
+    assert expected_calls("otca", cfg, {}, chunks=3) == collections.Counter(
+        {("student", False): 30, ("student", True): 30, ("reference", False): 30})
 
 
 def test_cli_writes_json_and_rejects_bad_options(tmp_path, capsys):
@@ -140,6 +143,10 @@ def test_flux_method_step_tiny_counts_calls():
               "--train-fraction", "1", "--warmup", "0", "--steps", "1", "--threads", "1"])
     # 2 chunks x K rollout calls; every non-final step of every chunk recomputed (train fraction 1)
     assert r["calls_per_step"] == {"rollout_nograd": 6, "recompute_grad": 4}
+    # train fraction 0.6 of K - 1 = 3 steps: n = 2 per sample, one call per rank and chunk (no masked rows)
+    r = main(["--method", "grpo", "--tiny", "--device", "cpu", "--nfe", "4", "--group-size", "4", "--micro-batch", "2",
+              "--train-fraction", "0.6", "--warmup", "0", "--steps", "1", "--threads", "1"])
+    assert r["calls_per_step"] == {"rollout_nograd": 8, "recompute_grad": 4} and r["trained_steps_per_sample"] == 2
     r = main(["--method", "rats", "--tiny", "--device", "cpu", "--teacher-nfe", "4", "--teacher-copy", "adapter",
               "--warmup", "0", "--steps", "1", "--threads", "1"])
     assert r["calls_per_step"] == {"student_grad": 3, "teacher_nograd": 4}
