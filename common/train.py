@@ -37,6 +37,13 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def _same_device(ps: list[torch.Tensor]) -> bool | None:
+    """foreach for clip_grad_norm_ when every gradient is a plain tensor on one device (multi-tensor norms);
+    None (torch's choice) otherwise, e.g. FSDP2's DTensor shards."""
+    return True if all(type(p) is torch.nn.Parameter or type(p) is torch.Tensor for p in ps) and \
+        len({p.device for p in ps}) == 1 else None
+
+
 def _params(params_or_module: nn.Module | Iterable[torch.Tensor]) -> list[torch.Tensor]:
     if isinstance(params_or_module, nn.Module):
         return [p for p in params_or_module.parameters() if p.requires_grad]
@@ -46,11 +53,13 @@ def _params(params_or_module: nn.Module | Iterable[torch.Tensor]) -> list[torch.
 def make_optimizer(params: nn.Module | Iterable[nn.Parameter], lr: float, weight_decay: float = 0.0,
                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:
     """AdamW over the trainable parameters. Weight decay only on tensors with 2+ dims (matrices, convolutions):
-    decaying biases and normalisation scales towards 0 only hurts (the nanoGPT / DiT convention)."""
+    decaying biases and normalisation scales towards 0 only hurts (the nanoGPT / DiT convention).
+    foreach=True (torch's default on CUDA, not on CPU): one multi-tensor op per update stage instead of a python loop
+    over tensors, the same values bit for bit; a LoRA has hundreds of small tensors."""
     ps = [p for p in _params(params) if p.requires_grad]
     groups = [{"params": [p for p in ps if p.ndim >= 2], "weight_decay": weight_decay},
               {"params": [p for p in ps if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps, foreach=True)
 
 
 def clip_grad(params: nn.Module | Iterable[torch.Tensor], max_norm: float | None) -> torch.Tensor:
@@ -59,7 +68,8 @@ def clip_grad(params: nn.Module | Iterable[torch.Tensor], max_norm: float | None
     ps = [p for p in _params(params) if p.grad is not None]
     if not ps:
         return torch.zeros(())
-    norm = torch.nn.utils.clip_grad_norm_(ps, float("inf") if max_norm is None or max_norm <= 0 else max_norm)
+    norm = torch.nn.utils.clip_grad_norm_(ps, float("inf") if max_norm is None or max_norm <= 0 else max_norm,
+                                          foreach=_same_device(ps))
     # under FSDP2 the gradients are DTensor shards and the norm comes back as a replicated DTensor
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
@@ -93,8 +103,13 @@ class EMA:
         self.updates += 1
         if self.decay == 1.0:
             return
-        for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach().to(s.dtype), 1.0 - self.decay)
+        src = [p.detach().to(s.dtype) for s, p in zip(self.shadow, self.params)]
+        if _same_device(self.shadow + self.params):
+            # one multi-tensor lerp (a LoRA has hundreds of small tensors); the same values as the loop below
+            torch._foreach_lerp_(self.shadow, src, 1.0 - self.decay)
+        else:
+            for s, p in zip(self.shadow, src):
+                s.lerp_(p, 1.0 - self.decay)
 
     @torch.no_grad()
     def copy_to(self, target: nn.Module | Iterable[torch.Tensor] | None = None) -> None:

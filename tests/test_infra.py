@@ -373,6 +373,25 @@ def test_ema_decay_one_is_frozen():
     assert all(torch.equal(a, b) for a, b in zip(before, ema.shadow))
 
 
+def test_multi_tensor_ema_and_clip_equal_the_per_tensor_loops_bitwise():
+    # EMA.update and clip_grad use torch's multi-tensor kernels: the same values as a python loop over tensors
+    torch.manual_seed(0)
+    ps = [nn.Parameter(torch.randn(s)) for s in [(16, 16), (16,), (3, 3, 3), (1,)] * 3]
+    shadow = [p.detach() + torch.randn_like(p) for p in ps]
+    ref = [s.clone() for s in shadow]
+    EMA(ps, 0.97, shadow=shadow).update()
+    for r, p in zip(ref, ps):
+        r.lerp_(p.detach(), 1 - 0.97)
+    assert all(torch.equal(a, b) for a, b in zip(shadow, ref))
+    grads = [torch.randn_like(p) * 5 for p in ps]
+    qs = [nn.Parameter(p.detach().clone()) for p in ps]
+    for p, q, g in zip(ps, qs, grads):
+        p.grad, q.grad = g.clone(), g.clone()
+    n = clip_grad(ps, 1.0)
+    n_ref = torch.nn.utils.clip_grad_norm_(qs, 1.0, foreach=False)
+    assert torch.equal(n, n_ref) and all(torch.equal(p.grad, q.grad) for p, q in zip(ps, qs))
+
+
 def test_make_optimizer_equals_adamw_with_decay_on_matrices_only():
     torch.manual_seed(0)
     a = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
