@@ -36,6 +36,7 @@ import os
 import shutil
 import tempfile
 import warnings
+import weakref
 from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
@@ -115,20 +116,43 @@ class AdapterState(NamedTuple):
     flags: list[tuple[nn.Parameter, bool]]
 
 
-def adapter_state(model: nn.Module) -> AdapterState:
-    """The current AdapterState of a diffusers model with at least one peft adapter."""
+_LORA_LAYERS: "weakref.WeakKeyDictionary[nn.Module, tuple[int, list]]" = weakref.WeakKeyDictionary()
+
+
+def lora_layers(model: nn.Module) -> list:
+    """The peft tuner layers of a diffusers model (every LoRA-wrapped linear), found once per set of adapters: a
+    module walk over a 12B transformer costs milliseconds, and RTDMD switches adapters several times a step."""
     from peft.tuners.tuners_utils import BaseTunerLayer
-    layer = next(m for m in model.modules() if isinstance(m, BaseTunerLayer))
-    return AdapterState(list(layer.active_adapters), bool(layer.disable_adapters),
-                        [(p, p.requires_grad) for p in model.parameters()])
+    key = len(getattr(model, "peft_config", {}) or {})      # adding an adapter can wrap new layers: look again
+    hit = _LORA_LAYERS.get(model)
+    if hit is None or hit[0] != key:
+        hit = (key, [m for m in model.modules() if isinstance(m, BaseTunerLayer)])
+        _LORA_LAYERS[model] = hit
+    return hit[1]
+
+
+def _adapter_tensors(layer) -> Iterator[nn.Parameter]:
+    """Every adapter tensor of one tuner layer (all adapters): the ones peft's switches set requires_grad on."""
+    for attr in layer.adapter_layer_names:
+        yield from getattr(layer, attr).parameters()
+
+
+def adapter_state(model: nn.Module) -> AdapterState:
+    """The current AdapterState of a diffusers model with at least one peft adapter. Only adapter tensors are
+    recorded: peft's switches never touch the base weights' flags."""
+    layers = lora_layers(model)
+    return AdapterState(list(layers[0].active_adapters), bool(layers[0].disable_adapters),
+                        [(p, p.requires_grad) for layer in layers for p in _adapter_tensors(layer)])
 
 
 def restore_adapter_state(model: nn.Module, state: AdapterState, flags_only: bool = False) -> None:
     """Put back the active adapter(s), the enabled/disabled switch (unless flags_only) and the requires_grad flags
-    (last: set_adapter and enable_adapters rewrite them)."""
+    (last: peft's set_adapter and enable_adapters rewrite them). Layer by layer, as diffusers' model-level
+    set_adapter / enable_adapters do, without their module walk and peft version check per call."""
     if not flags_only:
-        model.set_adapter(state.active)
-        model.disable_adapters() if state.disabled else model.enable_adapters()
+        for layer in lora_layers(model):
+            layer.set_adapter(state.active)
+            layer.enable_adapters(not state.disabled)
     for p, flag in state.flags:
         p.requires_grad_(flag)
 
@@ -141,12 +165,13 @@ def switched_adapter(models: list[nn.Module], name: str | None) -> Iterator[None
     saved = [adapter_state(m) for m in models]
     try:
         for m, st in zip(models, saved):
-            if name is None:
-                m.disable_adapters()
-            else:
-                m.set_adapter(name)
-                if st.disabled:
-                    m.enable_adapters()
+            for layer in lora_layers(m):
+                if name is None:
+                    layer.enable_adapters(False)
+                else:
+                    layer.set_adapter(name)
+                    if st.disabled:
+                        layer.enable_adapters(True)
             restore_adapter_state(m, st, flags_only=True)
         yield
     finally:
