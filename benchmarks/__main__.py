@@ -57,14 +57,14 @@ def method_flags(method: str, backend: str, quick: bool) -> list[str]:
     if backend == "dit":
         return ["--teacher", "dit", "--tiny", "--steps", str(n), "--epochs", "3", "--batch", "4", "--groups", "1",
                 "--group-size", "4", "--fake-ratio", "2", "--device", "cpu"]
-    return ["--teacher", backend, "--tiny", "--steps", str(n), "--epochs", "3", "--batch", "1", "--groups", "1",
+    return ["--teacher", backend, "--tiny", "--steps", str(2 * n), "--epochs", "3", "--batch", "1", "--groups", "1",
             "--group-size", "2", "--fake-ratio", "2", "--reward", TINY_REWARD[method][backend], "--device", "cpu"]
 
 
 def scaling_cases(quick: bool) -> list[tuple[str, str, str, list[str], dict]]:
     """(sweep, value, method, flags, backend options): step time against one knob, the rest fixed."""
     out = []
-    steps = "4" if quick else "6"
+    steps = "4" if quick else "10"
     for K in ([1, 4] if quick else [1, 2, 4, 8]):        # RATS student steps (N = 50)
         out.append(("rats K (toy, N=50)", str(K), "rats", ["--steps", steps, "--nfe", str(K), "--eval-size", "64"], {}))
     for N in ([10, 50] if quick else [10, 25, 50, 100]):   # RATS teacher steps (K = 2)

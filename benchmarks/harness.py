@@ -24,8 +24,8 @@ Definitions (also in benchmarks/README.md):
                   back to back
                   and runs one backward (cotangent ones) for each call made with gradients; the fastest of `replays`
                   repeats (on a shared machine the minimum is the undisturbed time; the step itself runs once, so
-                  contention can only raise the ratio, never push it below what the loop costs), summed over the
-                  last `replay_steps` steps and compared with the same steps' summed times.
+                  contention can only raise the ratio, never push it below what the loop costs); the ratio is the
+                  median, over the last `replay_steps` steps, of each step's time over its own replay.
                   It is what the loop around the network costs: rollout arithmetic, rewards, losses, optimizer, EMA,
                   logging. A ratio near 1 means the step is all network.
   loop overhead   step time / (replay time + the step's prompt encodings, decodes and reward calls replayed, with
@@ -509,18 +509,23 @@ def _summarise(method, argv, cfg, rows, rec: Recorder, replays, replay_steps, wa
         rep_steps = [int(r["step"]) for r in prow][-replay_steps:]
         if phase == "train" or len(prow) < 2:
             rep_steps = [s for s in rep_steps if s != steps[0]] or rep_steps
-        rep_total, step_total, dr_total, aux_total = 0.0, 0.0, 0.0, 0.0
+        rep_total, dr_total, aux_total = 0.0, 0.0, 0.0
+        r_net, r_dr, r_loop = [], [], []   # per replayed step: its time over its replays (median over steps below)
         backend = rec.backend
         for s in rep_steps:
             calls = [c for c in by_step.get(s, []) if not c.eval]
             if not calls or calls[0].x is None:
                 continue
             reps = [replay_seconds(backend, calls) for _ in range(max(1, replays))]
-            rep_total += min(reps)
-            step_total += times[steps.index(s)]
-            dr_total += rec.decode_time.get(s, 0.0) + rec.reward_time.get(s, 0.0)
-            if rec.aux_calls.get(s):
-                aux_total += min(replay_aux_seconds(rec.aux_calls[s]) for _ in range(max(1, replays)))
+            t_s, net_s = times[steps.index(s)], min(reps)
+            dr_s = rec.decode_time.get(s, 0.0) + rec.reward_time.get(s, 0.0)
+            aux_s = min(replay_aux_seconds(rec.aux_calls[s]) for _ in range(max(1, replays))) \
+                if rec.aux_calls.get(s) else 0.0
+            rep_total, dr_total, aux_total = rep_total + net_s, dr_total + dr_s, aux_total + aux_s
+            if net_s > 0:
+                r_net.append(t_s / net_s)
+                r_dr.append(t_s / (net_s + dr_s))
+                r_loop.append(t_s / (net_s + aux_s))
         spp = statistics.mean(samples_per_step(method, cfg, r) for r in prow)
         out.append({
             "method": method, "argv": " ".join(argv), "phase": phase, "steps": n,
@@ -532,16 +537,17 @@ def _summarise(method, argv, cfg, rows, rec: Recorder, replays, replay_steps, wa
             "samples_per_step": spp, "samples_per_s": round(spp / t_step, 2) if t_step > 0 else None,
             "peak_mem_mb": round(max(float(r["peak_mem_mb"]) for r in prow), 1), "rss_before_mb": round(rss0, 1),
             "replay_s": round(rep_total / max(1, len(rep_steps)), 5),
-            "overhead_ratio": round(step_total / rep_total, 3) if rep_total > 0 else None,
+            # median over the replayed steps of (step time / its replay): one step slowed by a neighbour's job
+            # does not move it
+            "overhead_ratio": round(statistics.median(r_net), 3) if r_net else None,
             # the decoder's and the reward models' forwards (their backward is not separable): how much of the
             # overhead is other networks rather than the loop's own arithmetic
             "decode_reward_fwd_s": round(dr_total / max(1, len(rep_steps)), 5),
-            "overhead_ratio_incl_decode_reward": (round(step_total / (rep_total + dr_total), 3)
-                                                  if rep_total > 0 else None),
+            "overhead_ratio_incl_decode_reward": round(statistics.median(r_dr), 3) if r_dr else None,
             # every network of the step replayed with its backward: generator / teacher / fake calls, and the
             # decoder and reward models; what is left is the loop's own cost (arithmetic, losses, optimizer, EMA, log)
             "aux_replay_s": round(aux_total / max(1, len(rep_steps)), 5),
-            "loop_overhead_ratio": (round(step_total / (rep_total + aux_total), 3) if rep_total > 0 else None),
+            "loop_overhead_ratio": round(statistics.median(r_loop), 3) if r_loop else None,
             "instrument_s": round(statistics.median(rec.instr_time.get(s, 0.0) for s in steps), 5),
             "replayed_steps": rep_steps, "wall_s": round(wall, 2), "threads": torch.get_num_threads(),
             "backend_options": rec.backend_options,
