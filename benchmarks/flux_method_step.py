@@ -8,8 +8,9 @@ The steps run the project's own maths (common.flow.rollout / transition_logprob,
   rats:  N teacher Euler steps under no_grad (the EMA teacher) + K student Euler steps with the graph kept through
          the whole rollout + the matched-horizon shaping loss + a differentiable reward stand-in on the final latent
          + backward + AdamW + the EMA update of the teacher. Teacher: --teacher-copy full (a deep copy of the
-         transformer, what rats.py does through Backend.frozen_copy: +23.8 GB of bf16 weights) or adapter (a second
-         LoRA adapter on the shared frozen base, swapped in for the teacher rollout).
+         transformer: rats.py --teacher-copy full, +23.8 GB of bf16 weights) or adapter (a second LoRA adapter on
+         the shared frozen base, active for the teacher rollout: the memory of rats.py's LoRA presets, whose
+         --teacher-copy swap keeps the averaged LoRA tensors and swaps them into the student for those calls).
   grpo:  G samples per prompt in chunks of --micro-batch: the K-step SDE rollout (dance, eta 0.3) under no_grad with
          stored log-probabilities; each sample trains its own random n = max(1, round(f (K - 1))) of the K - 1
          stochastic steps; then for each rank j < n and chunk one call recomputes the log-probability with gradients
