@@ -44,8 +44,8 @@ FINDINGS = """## What the numbers say (measured 2026-11-21 on the shared 2-core 
     gradient cancels only the last-step back-prop term (s_p - s_T = beta grad r), so the score-function reward term
     on the stochastic steps keeps pushing.
   - DMD through the whole chain (our toy default, the placement under which p_tilt is a stationary point) moves
-    toward the target without passing it. KL to p_tilt goes from 1.20 to 0.81 ± 0.20 after 300 epochs and to
-    0.49 ± 0.09 after 600. The reward goes to 0.30 ± 0.43 and then 0.89 ± 0.41, still below 1.50, and the KL to
+    toward the target without passing it. KL to p_tilt goes from 1.20 to 0.74 ± 0.14 after 300 epochs and to
+    0.52 ± 0.10 after 600. The reward goes to 0.47 ± 0.34 and then 0.87 ± 0.41, still below 1.50, and the KL to
     the teacher stays near 0.6. So it undershoots within this budget: it has not converged, and one seed (2) barely
     moves in 300 epochs. Closing the gap would take more epochs or a larger stage-2 learning rate; neither was tuned.
 * **Stage-2 ablations (300 epochs, chain DMD).** Full GRPO (3 of 3 steps; SubGRPO trains 2 and rescales by
@@ -53,6 +53,10 @@ FINDINGS = """## What the numbers say (measured 2026-11-21 on the shared 2-core 
   code's surrogate log-prob all land within one seed-std of the default. The toy cannot separate them at this
   budget. In raw mode the surrogate (no 1/(2 rho^2)) mis-scales the score-function term by about rho_j^2, which
   changes the effective beta, but the difference is below the seed noise here.
+* Stage 2 was re-run after rtdmd.py's stage-2 step stopped repeating network evaluations (2026-11-21: the rollout is
+  the loss's graph, the fixed-input evaluations one batched call). Same maths, but float sums in another order, so
+  each seed's 300-epoch trajectory differs: the first run gave 0.81 ± 0.20 (KL to p_tilt) and 0.30 ± 0.43 (reward)
+  for the default, within the spreads above; stage 1 is unchanged bit for bit.
 * Errors: the binned KL has sampling s.e. about 0.01 and a discretisation bias (a lower bound up to O(h^2)). The
   spread over seeds (0.1 to 0.4) dominates. Each seed also draws its own learned toy network (the backend's seed),
   which is why the initial KL differs across seeds.
