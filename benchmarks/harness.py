@@ -21,11 +21,11 @@ Definitions (also in benchmarks/README.md):
                   "fake" (RTDMD's fake score) and a frozen one is "teacher".
   overhead ratio  step time / replay time, where the replay re-issues the same step's recorded network calls (same
                   networks, inputs, sigmas, conditions, grad and autocast mode; inputs requiring grad where they did)
-                  back to back
-                  and runs one backward (cotangent ones) for each call made with gradients; the fastest of `replays`
-                  repeats (on a shared machine the minimum is the undisturbed time; the step itself runs once, so
-                  contention can only raise the ratio, never push it below what the loop costs); the ratio is the
-                  median, over the last `replay_steps` steps, of each step's time over its own replay.
+                  back to back and runs one backward (cotangent ones) for each call made with gradients. Each step is
+                  replayed right after it ran (before the next step; paired, so that both see the same state of a
+                  shared machine; RNG states restored, replay time not counted in the next step), the fastest of
+                  `replays` repeats kept; the ratio is the median, over the last `replay_steps` steps of the phase,
+                  of each step's time over its own replay.
                   It is what the loop around the network costs: rollout arithmetic, rewards, losses, optimizer, EMA,
                   logging. A ratio near 1 means the step is all network.
   loop overhead   step time / (replay time + the step's prompt encodings, decodes and reward calls replayed, with
@@ -106,6 +106,39 @@ class Recorder:
     aux_calls: collections.defaultdict = field(default_factory=lambda: collections.defaultdict(list))
     # step -> seconds the instruments themselves spent recording (cloning inputs for the replay): not the loop's cost
     instr_time: collections.Counter = field(default_factory=collections.Counter)
+    # paired replays: right after each step, before the next one, so that the step and its replay see the same
+    # machine (a neighbour's burst slows both); step -> fastest replay of its network calls / of its other networks
+    paired: bool = True
+    replays: int = 3
+    step_calls: collections.defaultdict = field(default_factory=lambda: collections.defaultdict(list))
+    net_replay: dict = field(default_factory=dict)
+    aux_replay: dict = field(default_factory=dict)
+    replay_time: collections.Counter = field(default_factory=collections.Counter)  # step -> s of paired replays in it
+    replaying: bool = False   # the forward hook does not count the replay's forwards
+
+    def replay_step(self, s: int) -> None:
+        """Replay step s's recorded calls now (fastest of `replays`), then drop their inputs. The global RNG states
+        are put back, so the run continues exactly as it would have; the replay's own time is charged to the
+        instruments (subtracted from the next step's time)."""
+        calls = [c for c in self.step_calls.get(s, []) if not c.eval and c.x is not None]
+        if not calls or self.backend is None:
+            return
+        t0 = time.perf_counter()
+        rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+        self.replaying = True
+        try:
+            self.net_replay[s] = min(replay_seconds(self.backend, calls) for _ in range(max(1, self.replays)))
+            if self.aux_calls.get(s):
+                self.aux_replay[s] = min(replay_aux_seconds(self.aux_calls[s]) for _ in range(max(1, self.replays)))
+        finally:
+            self.replaying = False
+        torch.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state_all(rng[1])
+        for c in calls:            # the inputs were kept for this replay only
+            c.x = c.sigma = c.cond = None
+        self.aux_calls.pop(s, None)
+        self.replay_time[s + 1] += time.perf_counter() - t0     # inside the next step's step_time: taken out
 
     def keep_aux(self, fn, args: tuple, grad: bool) -> None:
         """Record a decode / reward call (tensors cloned) so that the replay can re-run it with its backward."""
@@ -155,6 +188,7 @@ def _instrument_backend(backend, rec: Recorder) -> None:
             c.sigma, c.cond, c.guidance = _clone(sigma), cond, guidance
             c.autocast = _autocast_state(x)
         rec.calls.append(c)
+        rec.step_calls[c.step].append(c)
         if not c.eval:
             rec.instr_time[c.step] += time.perf_counter() - t0
         return inner(self, net, x, sigma, cond, guidance, *args, **kwargs)
@@ -194,6 +228,8 @@ def _instrument_backend(backend, rec: Recorder) -> None:
     backend.reference = reference
 
     def hook(module, inputs, output):
+        if rec.replaying:
+            return
         (rec.forwards_eval if rec.eval_depth > 0 else rec.forwards)[rec.step + 1] += 1
 
     seen = set()
@@ -263,6 +299,8 @@ def instrumented(method: str, rec: Recorder):
     def log(self, step, **metrics):
         out = orig_log(self, step, **metrics)
         rec.step += 1
+        if rec.paired:
+            rec.replay_step(rec.step)
         return out
 
     patch(cr.Run, "log", log)
@@ -420,7 +458,7 @@ def _phase(method: str, row: dict) -> str:
 
 
 def measure(method: str, argv: list[str], backend_options: dict | None = None, replays: int = 3,
-            replay_steps: int = 5, threads: int = 1, out: str | None = None) -> dict:
+            replay_steps: int = 5, threads: int = 1, out: str | None = None, paired: bool = True) -> dict:
     """Run `method`'s main on `argv` (its own flags; --out is set to a temporary directory unless `out`) under the
     instruments, and return one record per phase (RTDMD: stage1 / stage2; the others: train):
 
@@ -434,7 +472,7 @@ def measure(method: str, argv: list[str], backend_options: dict | None = None, r
     from common.runs import peak_memory_mb
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(threads)
-    rec = Recorder()
+    rec = Recorder(replays=replays, paired=paired)
     rec.backend_options = dict(backend_options or {})
     tmp = None
     if out is None:
@@ -501,7 +539,8 @@ def _summarise(method, argv, cfg, rows, rec: Recorder, replays, replay_steps, wa
             for k, v in exp.items():
                 expect_n[_key(k)] += v
             unacc += rec.forwards[s] - len(train)
-            times.append(float(r["step_time"]) - rec.eval_time.get(s, 0.0) - rec.instr_time.get(s, 0.0))
+            times.append(float(r["step_time"]) - rec.eval_time.get(s, 0.0) - rec.instr_time.get(s, 0.0)
+                         - rec.replay_time.get(s, 0.0))
         n = len(prow)
         timed = times[1:] if n > 1 else times
         t_step = statistics.median(timed)
@@ -513,14 +552,17 @@ def _summarise(method, argv, cfg, rows, rec: Recorder, replays, replay_steps, wa
         r_net, r_dr, r_loop = [], [], []   # per replayed step: its time over its replays (median over steps below)
         backend = rec.backend
         for s in rep_steps:
-            calls = [c for c in by_step.get(s, []) if not c.eval]
-            if not calls or calls[0].x is None:
-                continue
-            reps = [replay_seconds(backend, calls) for _ in range(max(1, replays))]
-            t_s, net_s = times[steps.index(s)], min(reps)
+            if s in rec.net_replay:     # replayed right after the step (paired)
+                net_s, aux_s = rec.net_replay[s], rec.aux_replay.get(s, 0.0)
+            else:                       # paired replays off: replay now, after the run
+                calls = [c for c in by_step.get(s, []) if not c.eval]
+                if not calls or calls[0].x is None:
+                    continue
+                net_s = min(replay_seconds(backend, calls) for _ in range(max(1, replays)))
+                aux_s = min(replay_aux_seconds(rec.aux_calls[s]) for _ in range(max(1, replays))) \
+                    if rec.aux_calls.get(s) else 0.0
+            t_s = times[steps.index(s)]
             dr_s = rec.decode_time.get(s, 0.0) + rec.reward_time.get(s, 0.0)
-            aux_s = min(replay_aux_seconds(rec.aux_calls[s]) for _ in range(max(1, replays))) \
-                if rec.aux_calls.get(s) else 0.0
             rep_total, dr_total, aux_total = rep_total + net_s, dr_total + dr_s, aux_total + aux_s
             if net_s > 0:
                 r_net.append(t_s / net_s)

@@ -42,6 +42,20 @@ def test_rats_counts_k_student_with_grad_and_n_teacher_without(tmp_path):
     assert r["aux_replay_s"] > 0                    # the reward (with its backward to the samples) was replayed
 
 
+def test_paired_replays_leave_the_training_run_unchanged(tmp_path):
+    # the harness replays every step right after it (RNG states restored): the run's logged values are those of the
+    # same run without instruments
+    import rats
+    from common.config import parse_config
+    args = ["--steps", "3", "--nfe", "2", "--teacher-nfe", "5", "--batch-size", "8", "--eval-size", "8",
+            "--eval-batch", "8"]
+    measure("rats", args, replays=2, out=str(tmp_path / "bench"))
+    rats.main(parse_config(rats.Config, argv=[*args, "--out", str(tmp_path / "plain")], presets=rats.PRESETS))
+    rows = [[json.loads(ln) for ln in open(tmp_path / d / "metrics.jsonl")] for d in ("bench/run", "plain")]
+    keys = ("loss", "r_student", "shape_loss", "grad_norm", "gate_mean")
+    assert [[r[k] for k in keys] for r in rows[0]] == [[r[k] for k in keys] for r in rows[1]]
+
+
 def test_rats_truncated_reward_gradient_moves_calls_to_no_grad():
     r = _one(measure("rats", ["--steps", "2", "--nfe", "3", "--teacher-nfe", "4", "--reward-grad-steps", "1",
                               "--batch-size", "8", "--eval-size", "8", "--eval-batch", "8"], replays=1))
