@@ -339,7 +339,9 @@ def eval_only(cfg: Config, backend, gen, teacher, reward, tilt, trained_keys) ->
 def main(cfg: Config):
     if cfg.sub_steps > len(cfg.timesteps) - 1:
         raise ConfigError(f"--sub-steps {cfg.sub_steps} exceeds the {len(cfg.timesteps) - 1} stochastic steps")
-    run = None if cfg.eval_only else Run(cfg, "rtdmd")
+    # one bar over both stages: the log's step runs over stage-1 iterations, then stage-2 epochs
+    total = (cfg.steps if cfg.stage in ("1", "all") else 0) + (cfg.epochs if cfg.stage in ("2", "all") else 0)
+    run = None if cfg.eval_only else Run(cfg, "rtdmd", total=total)
     seed_everything(cfg.seed)
     if not torch.cuda.is_available():
         torch.set_num_threads(1)   # the toy is latency-bound: extra intra-op threads only spin on a shared CPU
