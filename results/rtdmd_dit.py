@@ -38,7 +38,7 @@ NOTE = """## Reading (one seed, measured 2026-11-21 on the shared CPU; not tuned
     red against the target 60%. This mode has no beta. The standardised advantages make the reward term's strength
     independent of the reward's scale, and the 1e-3 DMD weight is too weak to hold the tilt. On the toy the same
     placement (DMD on the last step only) also overshoots.
-  - Raw beta mode collapses to one wrong colour (99.6% green, reward 0). On 3x32x32 pixels the unnormalised KL
+  - Raw beta mode collapses to one wrong colour (99.8% green, reward 0). On 3x32x32 pixels the unnormalised KL
     direction (1 - t)(s_fake - s_real), summed over 3072 dimensions at t <= 0.1, reaches losses of +-800 and
     swamps the policy gradient (about 1e-3). With the fake score trained for one step per epoch, that direction is
     mostly fake-score error, and following it collapses the generator. The calibrated raw mode works on the 2-D toy
