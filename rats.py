@@ -43,7 +43,7 @@ from typing import Literal
 
 import torch
 
-from common.backend import get_backend
+from common.backend import calls_as, get_backend
 from common.config import ConfigError, RunConfig, opt, parse_config, user_errors
 from common.dist import all_gather_cat, init_distributed, is_dist, is_main, world_size
 from common.evaluate import held_out, sample_final, save_samples, score_summary
@@ -198,12 +198,8 @@ def teacher_weights(net, ema: EMA, swap: bool):
     if not swap:
         yield
         return
-    role, net.nfe_role = getattr(net, "nfe_role", "student"), "teacher"
-    try:
-        with torch.no_grad(), ema.swapped():
-            yield
-    finally:
-        net.nfe_role = role
+    with torch.no_grad(), ema.swapped(), calls_as(net, "teacher"):
+        yield
 
 
 def build_backend(cfg: Config, device):

@@ -47,7 +47,7 @@ from typing import Callable, ContextManager, Literal
 
 import torch
 
-from common.backend import Cond, get_backend
+from common.backend import Cond, calls_as, get_backend
 from common.config import ConfigError, RunConfig, opt, parse_config, user_errors
 from common.dmd import (ambient_fake_loss, ambient_forward, ambient_target, ambient_weight, batched_velocity,
                         consistency_loss, dmd_loss, kl_direction, linear_surrogate, per_reward_advantages, project_pair,
@@ -158,23 +158,6 @@ class Models:
     fake_named: dict[str, torch.Tensor]
 
 
-@contextlib.contextmanager
-def nfe_role(net, role: str, inner: ContextManager):
-    """inner's block with net.nfe_role = role (the call counters of common.backend and benchmarks/harness.py
-    attribute a module's calls by it: in adapter mode the fake's and the teacher's calls go to the generator's
-    module); the previous role (or its absence) comes back afterwards."""
-    had, old = hasattr(net, "nfe_role"), getattr(net, "nfe_role", None)
-    with inner:
-        net.nfe_role = role
-        try:
-            yield
-        finally:
-            if had:
-                net.nfe_role = old
-            else:
-                del net.nfe_role
-
-
 def build_models(backend, mode: str) -> Models:
     """The generator (backend.network), the fake score and the teacher (real score), both equal to the generator
     at the start. full: the fake is a deep copy (trained), the teacher the backend's exact one (toy) or a frozen
@@ -199,8 +182,15 @@ def build_models(backend, mode: str) -> Models:
     fake_named = backend.adapter_parameters(gen, FAKE_ADAPTER, key_as=ADAPTER)
     if set(fake_named) != set(gen_named):
         raise RuntimeError("the fake adapter's tensors do not mirror the generator's trained ones")
-    return Models(gen, gen, gen, lambda: nfe_role(gen, "fake", backend.use_adapter(gen, FAKE_ADAPTER)),
-                  lambda: nfe_role(gen, "teacher", backend.reference(gen)), gen_named, fake_named)
+    return Models(gen, gen, gen, lambda: _both(backend.use_adapter(gen, FAKE_ADAPTER), calls_as(gen, "fake")),
+                  lambda: _both(backend.reference(gen), calls_as(gen, "teacher")), gen_named, fake_named)
+
+
+@contextlib.contextmanager
+def _both(first: ContextManager, second: ContextManager):
+    """first's block with second inside it (a context factory for Models.fake_ctx / teacher_ctx)."""
+    with first, second:
+        yield
 
 
 def trained_state(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -218,7 +208,6 @@ def load_trained(named: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
                           f"(e.g. {missing[0]}): a run of another backend or LoRA setup?")
     for k, p in named.items():
         p.copy_(state[k].to(p.device, p.dtype))
-
 
 
 def tiled_velocity_fn(backend, net, cond: Cond, guidance: float = 1.0):

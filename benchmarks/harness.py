@@ -91,7 +91,6 @@ def _autocast(state: tuple | None):
 @dataclass
 class Recorder:
     backend: Any = None
-    calls: list[Call] = field(default_factory=list)
     step: int = 0
     eval_depth: int = 0
     ref_depth: int = 0        # inside backend.reference(): LoRA families yield the same module, adapter disabled
@@ -110,7 +109,8 @@ class Recorder:
     # machine (a neighbour's burst slows both); step -> fastest replay of its network calls / of its other networks
     paired: bool = True
     replays: int = 3
-    step_calls: collections.defaultdict = field(default_factory=lambda: collections.defaultdict(list))
+    step_calls: collections.defaultdict = field(default_factory=lambda: collections.defaultdict(list))  # step ->
+    # every velocity() call recorded in it (evaluation calls included, marked Call.eval)
     net_replay: dict = field(default_factory=dict)
     aux_replay: dict = field(default_factory=dict)
     replay_time: collections.Counter = field(default_factory=collections.Counter)  # step -> s of paired replays in it
@@ -187,7 +187,6 @@ def _instrument_backend(backend, rec: Recorder) -> None:
             c.net, c.x, c.x_requires_grad = net, _clone(x), bool(x.requires_grad and grad)
             c.sigma, c.cond, c.guidance = _clone(sigma), cond, guidance
             c.autocast = _autocast_state(x)
-        rec.calls.append(c)
         rec.step_calls[c.step].append(c)
         if not c.eval:
             rec.instr_time[c.step] += time.perf_counter() - t0
@@ -510,9 +509,7 @@ def _key(k) -> str:
 
 
 def _summarise(method, argv, cfg, rows, rec: Recorder, replays, replay_steps, wall, rss0) -> list[dict]:
-    by_step = collections.defaultdict(list)
-    for c in rec.calls:
-        by_step[c.step].append(c)
+    by_step = rec.step_calls    # step -> its recorded calls
     otca_chunks = 1
     if method == "otca":
         mb = cfg.micro_batch or cfg.group_size * cfg.prompts_per_step

@@ -40,6 +40,22 @@ DEFAULT_PROMPTS = {
 }
 
 
+@contextlib.contextmanager
+def calls_as(net: nn.Module, role: str) -> Iterator[None]:
+    """Inside the block, calls of `net` count as `role` (its nfe_role, which Backend's call counter and the benchmarks
+    read): one module serving another role for a while, e.g. RATS' student with the EMA weights swapped in, or
+    RTDMD's generator with its fake-score adapter active. The previous role, or its absence, comes back after."""
+    had, old = hasattr(net, "nfe_role"), getattr(net, "nfe_role", None)
+    net.nfe_role = role
+    try:
+        yield
+    finally:
+        if had:
+            net.nfe_role = old
+        else:
+            del net.nfe_role
+
+
 class BackendError(RuntimeError):
     """A user-facing backend problem (bad --pretrained path, unsupported option): one line, exit status 2."""
 

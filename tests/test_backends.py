@@ -299,3 +299,16 @@ def test_wan22_routes_each_sample_by_sigma():
     lo = be._expert_velocity(net.experts[1], x[1:], sig[1:] * 1000, cond.select([1]), 1.5)
     torch.testing.assert_close(v, torch.cat([hi, lo]), atol=1e-5, rtol=1e-5)
     assert (hi - be._expert_velocity(net.experts[1], x[:1], sig[:1] * 1000, cond.select([0]), 3.0)).abs().max() > 1e-4
+
+
+def test_calls_as_relabels_a_module_for_the_block_and_restores_its_role():
+    from common.backend import calls_as
+    net = torch.nn.Linear(2, 2)
+    with calls_as(net, "teacher"):
+        assert net.nfe_role == "teacher"
+    assert not hasattr(net, "nfe_role")          # absent before: absent after
+    net.nfe_role = "student"
+    with pytest.raises(RuntimeError), calls_as(net, "fake"):
+        assert net.nfe_role == "fake"
+        raise RuntimeError("the block fails")
+    assert net.nfe_role == "student"             # restored on the way out of an exception too
