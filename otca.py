@@ -70,7 +70,7 @@ from common.prompts import load_prompts
 from common.rewards import build_reward
 from common.rl import clip_fraction, gaussian_kl_same_std, group_advantages
 from common.runs import Run, load_checkpoint
-from common.train import autocast, clip_grad, make_optimizer, seed_everything
+from common.train import autocast, clip_grad, detached, load_trained, make_optimizer, seed_everything, trained_tensors
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -297,12 +297,13 @@ def eval_only(cfg: Config, backend, net, reward, device) -> dict:
     directory (--ckpt's, or --out). Returns {"rows": [...]}."""
     n_per = max(1, cfg.eval_samples // len(backend.prompts("eval")))
     held = held_out(backend, n_per_prompt=n_per, seed=10_000 + cfg.seed)  # the same set training evaluates on
-    models = {"base": {k: v.clone() for k, v in net.state_dict().items()}}
+    named = trained_tensors(net)       # with LoRA the adapter only: the frozen base is never copied
+    models = {"base": {k: p.detach().clone() for k, p in named.items()}}
     if cfg.ckpt:
         models["otca"] = load_checkpoint(cfg.ckpt, map_location=device)["state"]["net"]
     rows = []
     for name, weights in models.items():
-        net.load_state_dict(weights)
+        load_trained(named, weights, f"--ckpt {cfg.ckpt}")
         for K in cfg.eval_nfe:
             sig = backend.sigmas(K, shift=cfg.shift).to(device)
             rows.append({"model": name, "nfe": K,
@@ -357,16 +358,26 @@ def main(cfg: Config) -> dict:
     n_per = max(1, cfg.eval_samples // len(eval_prompts))
     held = held_out(backend, n_per_prompt=n_per, seed=10_000 + cfg.seed) if cfg.eval_samples else None
     ev = lambda: evaluate(backend, net, reward, held, sigmas, cfg.micro_batch, cfg.precision, device) if held else {}
-    state = run.resume()
-    if state:
-        net.load_state_dict(state["net"])
-        opt_.load_state_dict(state["opt"])
-        rewards_init = state["rewards_init"]
-    else:
-        rewards_init = ev()
-    snapshot = lambda: {"net": net.state_dict(), "opt": opt_.state_dict(), "rewards_init": rewards_init}
+    # the prompts and trained steps of every step come from g_steps (the global RNG, which run.resume restores,
+    # draws the noise); checkpoints hold it, the trained tensors only (with LoRA: the adapter, 0.6 GB on FLUX.1,
+    # not the frozen 24 GB base) and the credit average: a resumed run continues exactly
     g_steps = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 1)
     credit_sum, credit_n = torch.zeros(K, device=device), 0
+    named = trained_tensors(net)
+    state = run.resume()
+    if state:
+        load_trained(named, state["net"], "--resume")
+        opt_.load_state_dict(state["opt"])
+        rewards_init = state["rewards_init"]
+        if "g_steps" in state:    # (older checkpoints: the stream restarts from the seed)
+            per_rank = state["g_steps"]         # one state per rank (a different world size: rank 0's)
+            g_steps.set_state(per_rank[rank] if rank < len(per_rank) else per_rank[0])
+            credit_sum, credit_n = state["credit_sum"].to(device), state["credit_n"]
+    else:
+        rewards_init = ev()
+    snapshot = lambda: {"net": detached(named), "opt": opt_.state_dict(), "rewards_init": rewards_init,
+                        "g_steps": dist.gather_objects(g_steps.get_state()), "credit_sum": credit_sum.clone(),
+                        "credit_n": credit_n}
 
     with run.interrupt_guard(snapshot):
         for step in range(run.step, cfg.steps):

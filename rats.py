@@ -52,7 +52,8 @@ from common.prompts import load_prompts
 from common.rewards import build_reward
 from common.runs import Run, load_checkpoint
 from common.shaping import GapNormalizer, match_horizons, rats_loss, reward_gate, shaping_distance, shaping_loss
-from common.train import EMA, autocast, clip_grad, make_optimizer, seed_everything
+from common.train import (EMA, autocast, clip_grad, detached, load_trained, make_optimizer, seed_everything,
+                          trained_tensors)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -258,7 +259,7 @@ def main(cfg: Config) -> dict:
         net.eval()
         with as_teacher():
             ev_T, lat_T0 = evaluate(backend, teacher, reward, ev, sig_T, cfg)   # before loading: the base teacher
-        net.load_state_dict(ckpt["state"]["net"], strict=False)
+        load_trained(trained_tensors(net), ckpt["state"]["net"], f"--ckpt {cfg.ckpt}")
         out = {"reward_teacher": ev_T["reward"], **final_eval(backend, net, teacher, base, reward, ev, sig_S, sig_T,
                                                                cfg, lat_T0, as_teacher=as_teacher)}
         out.pop("reward_teacher_ema")  # a fresh teacher copy here: it is the base teacher
@@ -268,7 +269,7 @@ def main(cfg: Config) -> dict:
     lat_T0 = None  # the base teacher's N-step samples of the eval set (the reference of dist_to_teacher)
     state = run.resume()
     if state:
-        net.load_state_dict(state["net"], strict=False)
+        load_trained(trained_tensors(net), state["net"], "--resume")
         opt_.load_state_dict(state["opt"])
         ema.load_state_dict(state["ema"])
         normalizer.load_state_dict(state["gap_norm"])
@@ -287,7 +288,7 @@ def main(cfg: Config) -> dict:
         net.train()
 
     def snapshot():
-        return {"net": {n: p.detach() for n, p in net.named_parameters() if p.requires_grad},
+        return {"net": detached(trained_tensors(net)),   # the trained tensors only (LoRA: not the frozen base)
                 "opt": opt_.state_dict(), "ema": ema.state_dict(), "gap_norm": normalizer.state_dict(),
                 "summary": summary}
 

@@ -59,7 +59,7 @@ from common.prompts import load_prompts
 from common.rewards import build_reward
 from common.rl import clip_fraction, clipped_surrogate
 from common.runs import Run
-from common.train import EMA, clip_grad, make_optimizer, seed_everything
+from common.train import EMA, clip_grad, detached, load_trained, make_optimizer, seed_everything, trained_tensors
 
 
 @dataclass
@@ -166,18 +166,17 @@ def build_models(backend, mode: str) -> Models:
     the starting generator is (its adapter starts at zero) and stays with --init (the stage-1 adapter is loaded
     into the generator afterwards; the teacher is the base in both modes). A backend without LoRA: ConfigError."""
     gen = backend.network
-    trained = lambda net: {n: p for n, p in net.named_parameters() if p.requires_grad}
     if mode == "full":
         fake = copy.deepcopy(gen).train()
         teacher = getattr(backend, "teacher_net", None)
         teacher = backend.frozen_copy(gen) if teacher is None or teacher is gen else teacher
         null = contextlib.nullcontext
-        return Models(gen, fake, teacher, null, null, trained(gen), trained(fake))
+        return Models(gen, fake, teacher, null, null, trained_tensors(gen), trained_tensors(fake))
     if not (hasattr(backend, "use_adapter") and backend.has_lora(gen)):
         raise ConfigError(f"--fake-copy adapter needs a LoRA backend (flux, wan, sd3, flux2 without full "
                           f"fine-tuning); {backend.name} has none: use --fake-copy full")
     from common.backends.base import ADAPTER
-    gen_named = trained(gen)     # the generator's adapter, before the fake's exists
+    gen_named = trained_tensors(gen)     # the generator's adapter, before the fake's exists
     backend.add_adapter_copy(gen, FAKE_ADAPTER, source=ADAPTER)
     fake_named = backend.adapter_parameters(gen, FAKE_ADAPTER, key_as=ADAPTER)
     if set(fake_named) != set(gen_named):
@@ -191,23 +190,6 @@ def _both(first: ContextManager, second: ContextManager):
     """first's block with second inside it (a context factory for Models.fake_ctx / teacher_ctx)."""
     with first, second:
         yield
-
-
-def trained_state(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The trained tensors of one network for a checkpoint (not the frozen base weights), detached."""
-    return {k: p.detach() for k, p in named.items()}
-
-
-@torch.no_grad()
-def load_trained(named: dict[str, torch.Tensor], state: dict[str, torch.Tensor], what: str) -> None:
-    """Copy a checkpoint's tensors into the trained ones; extra keys (an older checkpoint's full state dict: the
-    frozen base weights) are ignored, a missing one is a ConfigError (a run of another backend or LoRA setup)."""
-    missing = [k for k in named if k not in state]
-    if missing:
-        raise ConfigError(f"{what}: the checkpoint lacks {len(missing)} of the {len(named)} trained tensors "
-                          f"(e.g. {missing[0]}): a run of another backend or LoRA setup?")
-    for k, p in named.items():
-        p.copy_(state[k].to(p.device, p.dtype))
 
 
 def tiled_velocity_fn(backend, net, cond: Cond, guidance: float = 1.0):
@@ -292,25 +274,25 @@ def toy_eval(backend, gen, sigmas, reward, cfg, tilt, euler: bool = True, save_d
     return out
 
 
-def eval_only(cfg: Config, backend, gen, teacher, reward, tilt, trained_keys) -> dict:
+def eval_only(cfg: Config, backend, models: Models, reward, tilt) -> dict:
     """--eval-only: the teacher (50 Euler steps, CFG), the base generator and the trained one (its EMA weights) at
     every --eval-nfe CPS budget, on the held-out prompts and noise; eval.md/json in --ckpt's run directory (or
-    --out). On the toy, the binned KL of each to the teacher and to p_tilt is added. trained_keys: the paths of
-    the generator's trained tensors (Models.gen_named), what the checkpoint's gen_ema holds."""
+    --out). On the toy, the binned KL of each to the teacher and to p_tilt is added. The fake score is not used
+    here, so it holds the trained generator: its tensors mirror the generator's (Models.gen_named / fake_named
+    share their keys) and in adapter mode it is a second adapter on the same transformer, so the evaluation needs
+    no further copy of the model (FLUX.1: 24 GB)."""
     from common.evaluate import Sampler, eval_table
     from common.runs import load_checkpoint
     dev = backend.device
-    samplers = {"teacher (N=50, Euler)": Sampler(teacher, backend.sigmas(50))}
-    trained = None
+    samplers = {"teacher (N=50, Euler)": Sampler(models.teacher, backend.sigmas(50), context=models.teacher_ctx)}
     if cfg.ckpt:
-        trained = copy.deepcopy(gen)
-        named = {k: p for k, p in trained.named_parameters() if k in trained_keys}
-        load_trained(named, load_checkpoint(cfg.ckpt, map_location=dev)["state"]["gen_ema"], f"--ckpt {cfg.ckpt}")
+        load_trained(models.fake_named, load_checkpoint(cfg.ckpt, map_location=dev)["state"]["gen_ema"],
+                     f"--ckpt {cfg.ckpt}")
     for k in cfg.eval_nfe:
         grid = backend.sigmas(k)
-        samplers[f"base generator (K={k})"] = Sampler(gen, grid, "cps", cfg.eta, 1.0)
-        if trained is not None:
-            samplers[f"RTDMD (K={k})"] = Sampler(trained, grid, "cps", cfg.eta, 1.0)
+        samplers[f"base generator (K={k})"] = Sampler(models.gen, grid, "cps", cfg.eta, 1.0)
+        if cfg.ckpt:
+            samplers[f"RTDMD (K={k})"] = Sampler(models.fake, grid, "cps", cfg.eta, 1.0, context=models.fake_ctx)
     extra = None
     if tilt is not None:
         from toy.metrics import kl_histogram
@@ -363,8 +345,8 @@ def main(cfg: Config):
     is_toy = getattr(backend, "mixture", None) is not None and hasattr(reward.rewards[0], "tilt_spec")
     if is_toy:
         tilt = backend.target(0).tilt(reward.rewards[0], cfg.beta)  # (p_tilt mixture, log Z), closed form
-    if cfg.eval_only:   # (adapter mode: the teacher module is gen, untrained here, so the base model itself)
-        return eval_only(cfg, backend, gen, teacher, reward, tilt, set(models.gen_named))
+    if cfg.eval_only:
+        return eval_only(cfg, backend, models, reward, tilt)
     rng = random.Random(cfg.seed)
     gcpu = torch.Generator().manual_seed(cfg.seed + 1)
 
@@ -428,7 +410,7 @@ def main(cfg: Config):
         summary["reward_tilted"], summary["log_z"] = tilt[0].expected_reward(reward.rewards[0]), tilt[1]
     # checkpoints hold the trained tensors only (with LoRA: the adapters, not the frozen base) and the script's
     # own random streams (run.resume restores the global ones): a resumed run continues exactly
-    snapshot = lambda: {"gen": trained_state(models.gen_named), "fake": trained_state(models.fake_named),
+    snapshot = lambda: {"gen": detached(models.gen_named), "fake": detached(models.fake_named),
                         "ema": ema.state_dict(), "gen_ema": _ema_state(models.gen_named, ema),
                         "opt_gen": opt_gen.state_dict(), "opt_fake": opt_fake.state_dict(),
                         "streams": {"prompts": rng.getstate(), "noise": gcpu.get_state()}}

@@ -10,10 +10,11 @@ training scale; rewards expose `table_scale` (one factor per objective, e.g. HPS
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, ContextManager, Sequence
 
 import torch
 
@@ -22,12 +23,15 @@ from common.flow import rollout
 
 @dataclass
 class Sampler:
-    """A network plus how to sample it: sigmas (K+1,), step kind and noise level, guidance (None = backend default)."""
+    """A network plus how to sample it: sigmas (K+1,), step kind and noise level, guidance (None = backend default),
+    and context: a factory of the context the network is sampled in (e.g. a LoRA adapter switched on, so that two
+    models share one transformer instead of a deep copy each; None = as it is)."""
     net: torch.nn.Module
     sigmas: torch.Tensor
     kind: str = "euler"
     noise_level: float = 0.0
     guidance: float | None = None
+    context: Callable[[], ContextManager] | None = None
 
     @property
     def nfe(self) -> int:
@@ -85,7 +89,8 @@ def evaluate_models(backend, samplers: dict[str, Sampler], reward, cond, noise: 
     rows = []
     for name, s in samplers.items():
         g = torch.Generator().manual_seed(seed)   # the same stochastic-step noise for every model too
-        lat = sample_final(backend, s.net, cond, noise, s.sigmas, s.kind, s.noise_level, s.guidance, g, batch_size)
+        with s.context() if s.context is not None else contextlib.nullcontext():
+            lat = sample_final(backend, s.net, cond, noise, s.sigmas, s.kind, s.noise_level, s.guidance, g, batch_size)
         with torch.no_grad():
             media = backend.decode(lat)
         row = {"model": name, "nfe": s.nfe}

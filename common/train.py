@@ -5,6 +5,8 @@
     norm = clip_grad(params, max_norm=1.0)                      # total grad norm before clipping (a tensor)
     ema = EMA(net, decay=0.995)                                 # or EMA(params, ..., shadow=teacher)
     ema.update()                                                # after every optimizer step
+    named = trained_tensors(net)                                # what a checkpoint holds: the trained tensors
+    load_trained(named, ckpt["state"]["net"], "--ckpt run/")     # back in place; a missing one is a one-line error
     with autocast(cfg.precision, device): ...                   # bf16 autocast, or nothing for fp32
 """
 from __future__ import annotations
@@ -138,6 +140,36 @@ class EMA:
         self.decay, self.updates = state["decay"], state["updates"]
         for s, v in zip(self.shadow, state["shadow"]):
             s.copy_(v)
+
+
+def trained_tensors(net: nn.Module) -> dict[str, nn.Parameter]:
+    """The tensors a run trains (requires_grad), keyed by their path in `net`: what a checkpoint must hold. With a
+    LoRA that is the adapter (0.6 GB for FLUX.1 at rank 32), not the frozen 12B base (24 GB in bf16), which the
+    backend rebuilds from --pretrained."""
+    return {n: p for n, p in net.named_parameters() if p.requires_grad}
+
+
+def detached(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """named's tensors detached, for a checkpoint (torch.save writes them; no copy is made here)."""
+    return {k: p.detach() for k, p in named.items()}
+
+
+@torch.no_grad()
+def load_trained(named: dict[str, torch.Tensor], state: dict[str, torch.Tensor], what: str) -> None:
+    """Copy a checkpoint's tensors into the trained ones (cast to their device and dtype). Extra keys, such as an
+    older checkpoint's full state dict with the frozen base weights, are ignored; a missing key or a shape that
+    differs is a ConfigError, one line (a run of another backend, size or LoRA setup), not a traceback."""
+    from common.config import ConfigError
+    missing = [k for k in named if k not in state]
+    if missing:
+        raise ConfigError(f"{what}: the checkpoint lacks {len(missing)} of the {len(named)} trained tensors "
+                          f"(e.g. {missing[0]}): a run of another backend or LoRA setup?")
+    bad = [k for k, p in named.items() if tuple(state[k].shape) != tuple(p.shape)]
+    if bad:
+        raise ConfigError(f"{what}: {len(bad)} trained tensors differ in shape from this model's (e.g. {bad[0]}: "
+                          f"{tuple(state[bad[0]].shape)} vs {tuple(named[bad[0]].shape)}): another model size?")
+    for k, p in named.items():
+        p.copy_(state[k].to(p.device, p.dtype))
 
 
 def _params_all(x: nn.Module | Iterable[torch.Tensor]) -> list[torch.Tensor]:

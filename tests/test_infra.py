@@ -27,7 +27,8 @@ from common.config import ConfigError, RunConfig, opt, parse_config, to_dict, us
 from common.prompts import PromptError
 from common.rewards import RewardError
 from common.runs import atomic_save, list_checkpoints, load_checkpoint, rng_state, set_rng_state
-from common.train import EMA, autocast, clip_grad, make_optimizer, seed_everything
+from common.train import (EMA, autocast, clip_grad, detached, load_trained, make_optimizer, seed_everything,
+                          trained_tensors)
 from tests import _infra_script as script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -409,6 +410,26 @@ def test_make_optimizer_equals_adamw_with_decay_on_matrices_only():
             net(x).pow(2).sum().backward()
             opt_.step()
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_trained_tensors_round_trip_and_wrong_checkpoints_are_one_line_errors():
+    """A checkpoint holds the trained tensors only (a frozen part is left out) and loads back cast to the model's
+    dtype; an older full state dict (extra keys) loads too; a missing tensor or another shape is a ConfigError."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    net[0].requires_grad_(False)                       # the frozen base
+    named = trained_tensors(net)
+    assert list(named) == ["1.weight", "1.bias"]
+    saved = {k: v.clone().double() for k, v in detached(named).items()}
+    with torch.no_grad():
+        net[1].weight.zero_()
+    load_trained(named, {**saved, "0.weight": torch.ones(4, 3)}, "--resume")
+    assert torch.equal(net[1].weight, saved["1.weight"].float()) and net[1].weight.dtype == torch.float32
+    assert not torch.equal(net[0].weight, torch.ones(4, 3))          # extra keys are not loaded
+    with pytest.raises(ConfigError, match="lacks 1 of the 2 trained tensors"):
+        load_trained(named, {"1.weight": saved["1.weight"]}, "--ckpt x")
+    with pytest.raises(ConfigError, match=r"differ in shape .*1.weight"):
+        load_trained(named, {**saved, "1.weight": torch.zeros(2, 5)}, "--ckpt x")
 
 
 @given(scale=st.floats(0.01, 100), max_norm=st.floats(0.0, 10))

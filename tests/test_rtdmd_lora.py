@@ -95,6 +95,32 @@ def test_adapter_checkpoint_holds_no_base_tensor_and_resume_is_exact(runs, tmp_p
     assert [_untimed(r) for r in rows_r] == [_untimed(r) for r in rows]     # the resumed step logs the same
 
 
+def test_eval_only_without_a_copy_of_the_transformer(runs, tmp_path, monkeypatch, restore_torch_globals):
+    """--eval-only of the adapter run: the trained generator is loaded into the fake score's adapter (no deep copy
+    of the transformer, FLUX.1: 24 GB), the teacher is the base; the table equals the one of --fake-copy full,
+    which evaluates separate copies, on the same checkpoint."""
+    d, _, _ = runs["adapter"]
+    rows, deepcopy = {}, rtdmd.copy.deepcopy
+    for mode in ("full", "adapter"):
+        if mode == "adapter":     # no network is deep-copied in adapter mode (tokenizers may be)
+            def no_copy(x, *a, **k):
+                assert not isinstance(x, torch.nn.Module), f"{type(x).__name__} deep-copied"
+                return deepcopy(x, *a, **k)
+            monkeypatch.setattr(rtdmd.copy, "deepcopy", no_copy)
+        out = rtdmd.main(parse_config(rtdmd.Config, [*TINY, "--fake-copy", mode, "--eval-only", "--ckpt", str(d),
+                                                     "--eval-nfe", "2", "--eval-per-prompt", "1",
+                                                     "--out", str(tmp_path / mode)], presets=rtdmd.PRESETS))
+        monkeypatch.undo()
+        rows[mode] = out["rows"]
+    assert [r["model"] for r in rows["adapter"]] == ["teacher (N=50, Euler)", "base generator (K=2)", "RTDMD (K=2)"]
+    for ra, rf in zip(rows["adapter"], rows["full"]):
+        assert ra.keys() == rf.keys()
+        for k, v in rf.items():
+            assert ra[k] == (pytest.approx(v, rel=1e-4, abs=1e-6) if isinstance(v, float) else v), k
+    # the trained generator differs from the base (the checkpoint was loaded)
+    assert rows["adapter"][2]["clip"] != rows["adapter"][1]["clip"]
+
+
 @pytest.fixture
 def flux():
     return get_backend("flux", tiny=True, device="cpu")
