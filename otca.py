@@ -469,11 +469,21 @@ def main(cfg: Config) -> dict:
                             else:
                                 loss_i, ratio = fused_clipped_loss(lp, logp_old[rows, t], adv[rows, t], cfg.clip)
                             if cfg.beta_kl > 0:
+                                # the reference only at the rows that train this pass (reuse at a train fraction
+                                # < 1 masks the others out; recomputation trains every row): no evaluation is wasted
+                                x_r, s_r, sn_r, mean_r, std_r, c_r = x_t, s_t, s_next, mean, std, c_sl
+                                part = not bool(on_cpu[sl, p].all())
+                                if part:
+                                    ri = on_cpu[sl, p].nonzero().squeeze(1).to(device)   # (rows trained,)
+                                    x_r, s_r, sn_r, mean_r, std_r = (v.index_select(0, ri) for v in
+                                                                     (x_t, s_t, s_next, mean, std))
+                                    c_r = c_sl.select(ri)
                                 with torch.no_grad(), backend.reference(net) as ref, autocast(cfg.precision, device):
-                                    v_ref = backend.velocity(ref, x_t, s_t, c_sl)
-                                    _, mean_ref, _ = sde_step(x_t, v_ref, s_t, s_next, cfg.sde, eta,
-                                                              noise=torch.zeros_like(mean), sigma_max=sigma_max)
-                                kl = gaussian_kl_same_std(mean, mean_ref, std)
+                                    v_ref = backend.velocity(ref, x_r, s_r, c_r)
+                                    _, mean_ref, _ = sde_step(x_r, v_ref, s_r, sn_r, cfg.sde, eta,
+                                                              noise=torch.zeros_like(v_ref), sigma_max=sigma_max)
+                                kl = gaussian_kl_same_std(mean_r, mean_ref, std_r)                # (rows trained,)
+                                kl = torch.zeros_like(m_t, dtype=kl.dtype).index_copy(0, ri, kl) if part else kl
                                 loss_i = loss_i + cfg.beta_kl * kl
                                 kls.append((m_t * kl.detach() / n_trained[sl]).sum())
                                 kl_rows.append(n_rows)

@@ -106,11 +106,16 @@ def test_rank_loop_matches_the_masked_step_loop(tmp_path, monkeypatch, base, fla
             assert _close(r_new[k], r_old[k], rtol=1e-4, atol=1e-6), (k, r_new[k], r_old[k])
     assert ("kl" in new[0][0]) == ("--beta-kl" in flags)
     assert len(new[2]) == len(old[2]) == 2 * (2 if "--inner-epochs" in flags else 1)
-    for g_new, g_old in zip(new[2], old[2]):
-        assert _close(g_new, g_old, rtol=1e-4, atol=1e-8)
-    assert _close(new[1]["net"], old[1]["net"], rtol=1e-5, atol=1e-7)
+    for g_new, g_old in zip(new[2], old[2]):   # (the masked loop's KL reference sees other batch sizes: rounding)
+        assert _close(g_new, g_old, rtol=1e-4, atol=1e-7)
+    # (Adam divides by the gradients' magnitude: the reference's rounding above moves a weight by up to ~5e-5 of it)
+    assert _close(new[1]["net"], old[1]["net"], rtol=1e-4, atol=1e-7)
     assert _close(new[1]["opt"], old[1]["opt"], rtol=1e-4, atol=1e-9)
     assert sum(n for n, _ in new[3]) < sum(n for n, _ in old[3])            # the masked rows are gone
+    # the KL reference evaluates only the rows that train a pass, in both loops (the masked loop's other rows
+    # would be multiplied by 0): B n rows per inner epoch and step
+    assert sum(new[4]) == sum(old[4]) == (sum(int(m.sum()) for m in new[5]) * (2 if "--inner-epochs" in flags else 1)
+                                          if "--beta-kl" in flags else 0)
 
 
 def test_rank_loop_calls_n_per_chunk_at_each_rows_own_sigma(tmp_path, monkeypatch):
