@@ -164,3 +164,51 @@ def test_flux_method_step_tiny_counts_calls():
     r = main(["--method", "rats", "--tiny", "--device", "cpu", "--teacher-nfe", "4", "--teacher-copy", "adapter",
               "--warmup", "0", "--steps", "1", "--threads", "1"])
     assert r["calls_per_step"] == {"student_grad": 3, "teacher_nograd": 4}
+
+
+def test_gpu_suite_glue_with_a_stub_interpreter(tmp_path):
+    """benchmarks/gpu_suite.sh without a GPU and without running the benchmarks: a stub interpreter answers each
+    script with a record (the GRPO one fails), so the test checks the commands the suite issues, that a failed
+    benchmark becomes an error row instead of stopping the others, and the table (the paper's rows included)."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    stub = tmp_path / "py"
+    stub.write_text(f"""#!/usr/bin/env bash
+if [ "$1" = "-m" ]; then exec {sys.executable} "$@"; fi
+echo "$*" >> {tmp_path}/calls
+out="${{@: -1}}"
+case "$*" in
+  *grpo*) echo "out of memory" >&2; exit 1 ;;
+  *dit_throughput*) echo '{{"benchmark": "dit_train_throughput", "preset": "small", "dtype": "bfloat16", "batch": 64,
+    "compile": false, "device_name": "GPU", "step_s_median": 0.1, "samples_per_s": 640, "achieved_tflops": 300,
+    "mfu": 0.3, "peak_allocated_GiB": 9, "peak_reserved_GiB": 10}}' | tr -d '\\n' > "$out" ;;
+  *) echo '{{"benchmark": "flux1_rats_step", "nfe": 3, "teacher_nfe": 50, "batch": 1, "teacher_copy": "full",
+    "device_name": "GPU", "step_s_median": 7.0, "calls_per_step": {{"student_grad": 3}}, "peak_allocated_GiB": 60,
+    "peak_reserved_GiB": 61}}' | tr -d '\\n' > "$out" ;;
+esac
+""")
+    stub.chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PY": str(stub)}
+    p = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "dit", "flux"], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert [c.split(" --out")[0] for c in calls] == [
+        "benchmarks/dit_throughput.py --preset small --dtype bf16",
+        "benchmarks/dit_throughput.py --preset small --dtype bf16 --compile",
+        "benchmarks/flux_lora_step.py",
+        "benchmarks/flux_method_step.py --method rats",
+        "benchmarks/flux_method_step.py --method rats --teacher-copy adapter",
+        "benchmarks/flux_method_step.py --method grpo"]
+    records = [json.loads(line) for line in (out / "gpu.jsonl").read_text().splitlines()]
+    assert len(records) == 6 and "exit status 1" in records[-1]["error"]
+    md = (out / "gpu.md").read_text()
+    assert "| small DiT train step (small, bfloat16, batch 64, eager) | GPU | 0.1 | 9 (reserved 10) |" in md
+    assert "failed: exit status 1" in md and "| RATS (paper, FLUX) | (the paper's GPU) | 7.57 | 67.67 |" in md
+    assert "out of memory" in (out / "gpu_log.txt").read_text()
+    bad = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "bogus"], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
