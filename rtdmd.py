@@ -284,6 +284,8 @@ def eval_only(cfg: Config, backend, models: Models, reward, tilt) -> dict:
     from common.evaluate import Sampler, eval_table
     from common.runs import load_checkpoint
     dev = backend.device
+    for net in (models.gen, models.fake, models.teacher):
+        net.eval()      # evaluation (the fake starts in train mode; no network here has dropout)
     samplers = {"teacher (N=50, Euler)": Sampler(models.teacher, backend.sigmas(50), context=models.teacher_ctx)}
     if cfg.ckpt:
         load_trained(models.fake_named, load_checkpoint(cfg.ckpt, map_location=dev)["state"]["gen_ema"],
