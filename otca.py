@@ -300,7 +300,8 @@ def eval_only(cfg: Config, backend, net, reward, device) -> dict:
     named = trained_tensors(net)       # with LoRA the adapter only: the frozen base is never copied
     models = {"base": {k: p.detach().clone() for k, p in named.items()}}
     if cfg.ckpt:
-        models["otca"] = load_checkpoint(cfg.ckpt, map_location=device)["state"]["net"]
+        ckpt = load_checkpoint(cfg.ckpt, map_location=device, method="otca", needs=("net",))
+        models["otca"] = ckpt["state"]["net"]
     rows = []
     for name, weights in models.items():
         load_trained(named, weights, f"--ckpt {cfg.ckpt}")
@@ -364,7 +365,7 @@ def main(cfg: Config) -> dict:
     g_steps = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 1)
     credit_sum, credit_n = torch.zeros(K, device=device), 0
     named = trained_tensors(net)
-    state = run.resume()
+    state = run.resume(needs=("net", "opt"))
     if state:
         load_trained(named, state["net"], "--resume")
         opt_.load_state_dict(state["opt"])

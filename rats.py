@@ -223,7 +223,7 @@ def main(cfg: Config) -> dict:
     torch.set_num_threads(max(1, min(torch.get_num_threads(), int(os.environ.get("RATS_THREADS", "1")))))
     rank, world, device = init_distributed(cfg.device)
     seed_everything(cfg.seed + rank)
-    ckpt = load_checkpoint(cfg.ckpt) if cfg.eval_only else None
+    ckpt = load_checkpoint(cfg.ckpt, method="rats", needs=("net",)) if cfg.eval_only else None
     if ckpt is not None:  # the model and the trained budget come from the run; reward and eval flags from here
         for k in ("teacher", "tiny", "pretrained", "preset", "lora_rank", "full_finetune", "shift", "guidance",
                   "nfe", "teacher_nfe"):
@@ -267,7 +267,7 @@ def main(cfg: Config) -> dict:
         return out
     summary = {"matching_index": j.tolist(), "sigmas_student": sig_S.tolist()}
     lat_T0 = None  # the base teacher's N-step samples of the eval set (the reference of dist_to_teacher)
-    state = run.resume()
+    state = run.resume(needs=("net", "ema"))
     if state:
         load_trained(trained_tensors(net), state["net"], "--resume")
         opt_.load_state_dict(state["opt"])

@@ -288,8 +288,8 @@ def eval_only(cfg: Config, backend, models: Models, reward, tilt) -> dict:
         net.eval()      # evaluation (the fake starts in train mode; no network here has dropout)
     samplers = {"teacher (N=50, Euler)": Sampler(models.teacher, backend.sigmas(50), context=models.teacher_ctx)}
     if cfg.ckpt:
-        load_trained(models.fake_named, load_checkpoint(cfg.ckpt, map_location=dev)["state"]["gen_ema"],
-                     f"--ckpt {cfg.ckpt}")
+        ckpt = load_checkpoint(cfg.ckpt, map_location=dev, method="rtdmd", needs=("gen_ema",))
+        load_trained(models.fake_named, ckpt["state"]["gen_ema"], f"--ckpt {cfg.ckpt}")
     for k in cfg.eval_nfe:
         grid = backend.sigmas(k)
         samplers[f"base generator (K={k})"] = Sampler(models.gen, grid, "cps", cfg.eta, 1.0)
@@ -399,7 +399,7 @@ def main(cfg: Config):
     run_stage1, run_stage2 = cfg.stage in ("1", "all"), cfg.stage in ("2", "all")
     if cfg.init:
         from common.runs import load_checkpoint
-        st = load_checkpoint(cfg.init, map_location=dev)["state"]     # the latest checkpoint of that run
+        st = load_checkpoint(cfg.init, map_location=dev, method="rtdmd", needs=("gen_ema", "fake"))["state"]
         load_trained(models.gen_named, st["gen_ema"], f"--init {cfg.init}")
         load_trained(models.fake_named, st["fake"], f"--init {cfg.init}")
     if is_toy:
@@ -416,7 +416,7 @@ def main(cfg: Config):
                         "ema": ema.state_dict(), "gen_ema": _ema_state(models.gen_named, ema),
                         "opt_gen": opt_gen.state_dict(), "opt_fake": opt_fake.state_dict(),
                         "streams": {"prompts": rng.getstate(), "noise": gcpu.get_state()}}
-    state = run.resume()
+    state = run.resume(needs=("gen", "fake"))
     resumed_at = run.step
     if state:
         load_trained(models.gen_named, state["gen"], "--resume")

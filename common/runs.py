@@ -30,7 +30,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterator, NoReturn
+from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 import numpy as np
 import torch
@@ -104,18 +104,29 @@ def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """A checkpoint file, or the latest one of a run directory: {"step", "config", "rng", "state"}.
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu", method: str | None = None,
+                    needs: Sequence[str] = ()) -> dict[str, Any]:
+    """A checkpoint file, or the latest one of a run directory: {"step", "method", "config", "rng", "state"}.
 
     weights_only=True: a checkpoint holds tensors, numbers, strings, lists and dicts (what state_dict() gives);
-    nothing in it can run code when loaded.
+    nothing in it can run code when loaded. method ('rats' | 'otca' | 'rtdmd') and needs (keys of its "state") check
+    that it is a checkpoint of that script: another script's run is a ConfigError, one line, not a KeyError later
+    (checkpoints from before the "method" field are checked by their state keys only).
     """
+    from common.config import ConfigError
     if os.path.isdir(path):
         found = list_checkpoints(path)
         if not found:
             raise FileNotFoundError(2, "no checkpoint in run directory", os.path.join(path, "checkpoints"))
         path = found[-1][1]
-    return torch.load(path, map_location=map_location, weights_only=True)
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if method is not None:
+        other = ckpt.get("method", method)
+        missing = [k for k in needs if k not in ckpt.get("state", {})]
+        if other != method or missing:
+            made_by = f"{other}.py" if other != method else f"another script (its state lacks {missing[0]!r})"
+            raise ConfigError(f"{path} is a checkpoint of {made_by}, not of {method}.py")
+    return ckpt
 
 
 def _to_json(v: Any) -> Any:
@@ -274,7 +285,7 @@ class Run:
         gathers the RNG states of all ranks; rank 0 writes. A state with a NaN/inf tensor is never written:
         the run stops (exit 3) and the previous checkpoint stays the last good one. Returns the path (rank 0)."""
         self.check_finite(state, what="checkpoint state")
-        ckpt = {"step": int(step), "config": to_dict(self.cfg), "world": dist.world_size(),
+        ckpt = {"step": int(step), "method": self.method, "config": to_dict(self.cfg), "world": dist.world_size(),
                 "time": time.perf_counter() - self._t0,
                 "rng": dist.gather_objects(rng_state()), "state": state}
         self.step = int(step)
@@ -288,16 +299,17 @@ class Run:
         dist.barrier()
         return path
 
-    def resume(self) -> dict[str, Any]:
+    def resume(self, needs: Sequence[str] = ()) -> dict[str, Any]:
         """With --resume DIR: load DIR's latest checkpoint, set self.step, restore this rank's RNG states, cut
-        metrics.jsonl back to that step, and return the dict given to save(). Without --resume: {}.
-        Call it after building models and optimizers (building consumes random numbers), right before the loop."""
+        metrics.jsonl back to that step, and return the dict given to save(). Without --resume: {}. needs: keys the
+        script's state must have (a run of another script is a one-line error). Call it after building models and
+        optimizers (building consumes random numbers), right before the loop."""
         if not self._resume_from:
             return {}
         if not list_checkpoints(self._resume_from):
             die(f"--resume {self._resume_from}: no checkpoint there yet (the run stopped before its first save); "
                 f"start it again without --resume")
-        ckpt = load_checkpoint(self._resume_from)
+        ckpt = load_checkpoint(self._resume_from, method=self.method, needs=needs)   # another script's run: one line
         self.step = int(ckpt["step"])
         rngs = ckpt["rng"]
         if len(rngs) != dist.world_size() and self.main:

@@ -262,6 +262,22 @@ def test_atomic_checkpoint_survives_a_crash_mid_write(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["step_00000001.pt"]  # no temporary file left behind
 
 
+def test_a_checkpoint_of_another_script_is_a_one_line_error(tmp_path):
+    """Checkpoints name their script: loading one for another script (--resume, --ckpt, --init) is a ConfigError
+    naming both, as is one whose state lacks a key the script needs (checkpoints older than the name)."""
+    out = str(tmp_path / "run")
+    assert run_script(["--steps", "2", "--save-every", "1", "--out", out])[0] == 0
+    ckpt = load_checkpoint(out, method="infra", needs=("net", "ema"))
+    assert ckpt["method"] == "infra" and ckpt["step"] == 2
+    with pytest.raises(ConfigError, match=r"checkpoint of infra\.py, not of otca\.py"):
+        load_checkpoint(out, method="otca")
+    del ckpt["method"]                                # a checkpoint written before the field existed
+    torch.save(ckpt, os.path.join(out, "checkpoints", "step_00000003.pt"))
+    assert load_checkpoint(out, method="otca", needs=("net",))["step"] == 2      # its keys fit: accepted
+    with pytest.raises(ConfigError, match=r"another script \(its state lacks 'gen'\), not of rtdmd\.py"):
+        load_checkpoint(out, method="rtdmd", needs=("gen",))
+
+
 def test_exact_resume_bitwise(tmp_path):
     """20 steps in one go == 10 steps, then --resume to 20: same metrics and same final weights, bit for bit."""
     a, b = str(tmp_path / "a"), str(tmp_path / "b")

@@ -131,3 +131,19 @@ def test_lora_checkpoint_holds_the_adapter_only(tmp_path):
                                 presets=otca.PRESETS, checks=[otca.checks]))
     base, trained = ev["rows"]
     assert (base["model"], trained["model"]) == ("base", "otca") and base["hps"] != trained["hps"]
+
+
+def test_other_scripts_refuse_an_otca_checkpoint_in_one_line(tmp_path, capsys):
+    """rats.py --eval-only, rtdmd.py --eval-only and rtdmd.py --init on an otca.py run: one line, exit 2."""
+    import rats
+    import rtdmd
+    from common.config import user_errors
+    _run(tmp_path, "--steps", "1", "--eval-samples", "0", "--save-every", "1")
+    run = str(tmp_path / "run")
+    for mod, argv in ((rats, ["--eval-only", "--ckpt", run]), (rtdmd, ["--eval-only", "--ckpt", run]),
+                      (rtdmd, ["--init", run, "--steps", "1", "--epochs", "0", "--out", str(tmp_path / "x")])):
+        with pytest.raises(SystemExit) as e:
+            with user_errors():
+                mod.main(parse_config(mod.Config, argv=argv, presets=mod.PRESETS))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and err[-1].startswith("error: ") and "checkpoint of otca.py" in err[-1], err
