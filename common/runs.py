@@ -12,10 +12,11 @@ Only rank 0 writes, but call every method on EVERY rank: log (under interrupt_gu
 and finish take part in collectives, and a rank that skips one leaves the others waiting. See common/config.py for
 the full worked example of a script.
 
-Resume is exact: a checkpoint holds the script's dict (weights, optimizer, EMA, ...), the step, the config and
-the RNG states of python, numpy and torch (CPU and CUDA) of every rank; run.resume() restores the RNG states of
-this rank and returns the dict, and metrics.jsonl is cut back to the checkpoint's step so that its lines are the
-ones an uninterrupted run would have written.
+Resume is exact: a checkpoint holds the script's dict (the trained tensors, optimizer, EMA, the script's own
+random streams, ...), the step, the script's name, the config and the RNG states of python, numpy and torch (CPU
+and CUDA) of every rank; run.resume() restores the RNG states of this rank and returns the dict, and metrics.jsonl
+is cut back to the checkpoint's step so that its lines are the ones an uninterrupted run would have written. A
+checkpoint of another script is a one-line error (load_checkpoint's method and needs).
 """
 from __future__ import annotations
 
