@@ -195,20 +195,6 @@ def rank_steps(trained: torch.Tensor) -> torch.Tensor:
     return trained.nonzero()[:, 1].reshape(trained.shape[0], -1)   # nonzero is row-major: each row ascending
 
 
-def average_gradients(params: list[torch.nn.Parameter]) -> None:
-    """Data parallelism without a DDP wrapper: all-reduce (mean) every gradient once per optimizer step. Backward runs
-    once per trained step and chunk, and with a random step fraction the ranks need not agree on how many times, so
-    DDP's per-backward hooks would deadlock or sync far too often. A rank whose chunk trained nothing sends zeros."""
-    if not dist.is_dist():
-        return
-    import torch.distributed as tdist
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        tdist.all_reduce(p.grad)
-        p.grad /= dist.world_size()
-
-
 def finite_or_none(t: torch.Tensor) -> list:
     """A per-step statistic as a JSON list: None where no sample trained that step (instead of NaN)."""
     return [v if math.isfinite(v) else None for v in t.tolist()]
@@ -498,7 +484,7 @@ def main(cfg: Config) -> dict:
                     mb_loss = torch.stack(mb_losses)                                  # (passes x chunks,)
                     run.check_finite(loss=mb_loss)  # before the update; the one host sync of an optimizer step
                     losses.append(mb_loss)
-                    average_gradients(params)  # data parallel: the mean over ranks of each rank's J
+                    dist.average_gradients(params)  # data parallel: the mean over ranks of each rank's J
                     grad_norm = clip_grad(params, cfg.max_grad_norm)
                     opt_.step()
             # ===================================== log =========================================================

@@ -45,7 +45,7 @@ import torch
 
 from common.backend import calls_as, get_backend
 from common.config import ConfigError, RunConfig, opt, parse_config, user_errors
-from common.dist import all_gather_cat, init_distributed, is_dist, is_main, world_size
+from common.dist import all_gather_cat, average_gradients, init_distributed, is_main
 from common.evaluate import held_out, sample_final, save_samples, score_summary
 from common.flow import rollout
 from common.prompts import load_prompts
@@ -342,7 +342,7 @@ def main(cfg: Config) -> dict:
                                  **{f"r_student_{n}": r_S_cols[:, m].detach().mean()
                                     for m, n in enumerate(reward.names) if len(reward.names) > 1}))
             # ---- update: average over ranks, clip, step, then the EMA teacher (never in the optimizer) ----
-            average_gradients(params)
+            average_gradients(params)   # data parallel: one all-reduce (mean) per optimizer step
             gn = clip_grad(params, cfg.max_grad_norm)
             opt_.step()
             ema.update()
@@ -388,19 +388,6 @@ def final_eval(backend, net, teacher, base, reward, ev, sig_S, sig_T, cfg: Confi
     if backend.media == "points":
         out.update(point_metrics(backend, net, base, sig_S, sig_T, ev, lat, cfg, lat_T0))
     return out
-
-
-def average_gradients(params) -> None:
-    """Data parallelism without a DDP wrapper (backends read attributes such as net.config off the module they
-    are given, which a DDP wrapper hides): all-reduce the mean of every gradient once per optimizer step."""
-    if not is_dist():
-        return
-    import torch.distributed as tdist
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        tdist.all_reduce(p.grad)
-        p.grad /= world_size()
 
 
 def detached_inputs(vf):

@@ -18,18 +18,20 @@ rank-32 adapters) the three networks hold 24.2 GB instead of 72.0 GB (47.8 GB of
 an 80 GB GPU), with the same losses and gradients (tests/test_rtdmd_lora.py). Checkpoints hold the trained tensors
 only (on FLUX.1 the adapters: 0.6 GB where the three full state dicts were 72 GB) and the script's random streams.
 
-Simplifications against the official code (shared/spec/rtdmd.md): one process does every rollout of an epoch and one
-optimiser step (no 16 sub-batches x gradient accumulation; the loss is divided by |S| + 1 instead of 48); the correct
-per-step EMA (not the per-sub-batch quirk); full fine-tuning or the backend's LoRA, no LoRA merge between stages (the
-stage-1 EMA weights are copied into the generator instead); the GenEval reward is not wired. `--advantage raw --beta B`
-is our toy mode (not in the paper's code): PG on beta (r - leave-one-out mean) with the exact log-probability, rescaled
-by (#stochastic / #trained) steps; the unnormalised KL direction (1 - t)(s_fake - s_real) at small t ~ U[0.02, 0.1]
-(KL_t -> KL_0; the fake is fitted on that range with weight 1); and `--dmd-through all` (the toy preset): the KL
-gradient re-parameterised through the whole chain. Why: at p = p_tilt, s_p - s_T = beta grad r, so the pathwise KL
-gradient equals beta x the pathwise reward gradient along the SAME paths; the hybrid reward estimator (score function
-on the stochastic steps + back-prop through the last) is unbiased for the full reward gradient, so only a KL gradient
-through every step cancels it. With the code's placement (`--dmd-through last`) the score-function reward term on the
-stochastic steps is left uncancelled at p_tilt, and the student goes past the tilted target (results/rtdmd_toy.md).
+Simplifications against the official code (shared/spec/rtdmd.md): data parallel only (under torchrun each rank holds the
+networks, draws its own --batch / --groups, and every optimiser step uses the gradients averaged over ranks; no FSDP),
+one optimiser step per epoch (no 16 sub-batches x gradient accumulation; the loss is divided by |S| + 1 instead of 48);
+the correct per-step EMA (not the per-sub-batch quirk); full fine-tuning or the backend's LoRA, no LoRA merge between
+stages (the stage-1 EMA weights are copied into the generator instead); the GenEval reward is not wired. `--advantage
+raw --beta B` is our toy mode (not in the paper's code): PG on beta (r - leave-one-out mean) with the exact
+log-probability, rescaled by (#stochastic / #trained) steps; the unnormalised KL direction (1 - t)(s_fake - s_real) at
+small t ~ U[0.02, 0.1] (KL_t -> KL_0; the fake is fitted on that range with weight 1); and `--dmd-through all` (the toy
+preset): the KL gradient re-parameterised through the whole chain. Why: at p = p_tilt, s_p - s_T = beta grad r, so the
+pathwise KL gradient equals beta x the pathwise reward gradient along the SAME paths; the hybrid reward estimator (score
+function on the stochastic steps + back-prop through the last) is unbiased for the full reward gradient, so only a KL
+gradient through every step cancels it. With the code's placement (`--dmd-through last`) the score-function reward term
+on the stochastic steps is left uncancelled at p_tilt, and the student goes past the tilted target
+(results/rtdmd_toy.md).
 On a backend with fewer prompts than groups, groups of one prompt get distinct shared-noise keys ("prompt#g").
 
     python rtdmd.py                                                  # toy2d, both stages, ~25 s on 2 CPU cores
@@ -47,6 +49,7 @@ from typing import Callable, ContextManager, Literal
 
 import torch
 
+from common import dist
 from common.backend import Cond, calls_as, get_backend
 from common.config import ConfigError, RunConfig, opt, parse_config, user_errors
 from common.dmd import (ambient_fake_loss, ambient_forward, ambient_target, ambient_weight, batched_velocity,
@@ -314,14 +317,16 @@ def main(cfg: Config):
         raise ConfigError(f"--sub-steps {cfg.sub_steps} exceeds the {len(cfg.timesteps) - 1} stochastic steps")
     # one bar over both stages: the log's step runs over stage-1 iterations, then stage-2 epochs
     total = (cfg.steps if cfg.stage in ("1", "all") else 0) + (cfg.epochs if cfg.stage in ("2", "all") else 0)
-    run = None if cfg.eval_only else Run(cfg, "rtdmd", total=total)
-    seed_everything(cfg.seed)
-    if not torch.cuda.is_available():
+    # data parallel under torchrun: every rank holds the models, draws its own prompts and noise, and the gradients
+    # are averaged once per optimizer step (dist.average_gradients), so the weights stay equal on every rank
+    rank, world, device = dist.init_distributed(cfg.device)
+    run = None if cfg.eval_only else Run(cfg, "rtdmd", device=device, total=total)
+    seed_everything(cfg.seed)      # the same initial weights on every rank
+    if device.type == "cpu":
         torch.set_num_threads(1)   # the toy is latency-bound: extra intra-op threads only spin on a shared CPU
-    backend = get_backend(cfg.teacher, tiny=cfg.tiny, seed=cfg.seed,
+    backend = get_backend(cfg.teacher, tiny=cfg.tiny, seed=cfg.seed, device=device,
                           **({"teacher": cfg.toy_teacher} if cfg.toy_teacher else {}),
-                          **({"pretrained": cfg.pretrained} if cfg.pretrained else {}),
-                          **({"device": cfg.device} if cfg.device != "auto" else {}))
+                          **({"pretrained": cfg.pretrained} if cfg.pretrained else {}))
     dev = backend.device
     extra = dict(kv.split("=", 1) for kv in cfg.reward_opts.split(",") if "=" in kv)
     reward = build_reward(cfg.reward, device=dev, tiny=cfg.tiny, **extra)
@@ -349,8 +354,9 @@ def main(cfg: Config):
         tilt = backend.target(0).tilt(reward.rewards[0], cfg.beta)  # (p_tilt mixture, log Z), closed form
     if cfg.eval_only:
         return eval_only(cfg, backend, models, reward, tilt)
-    rng = random.Random(cfg.seed)
-    gcpu = torch.Generator().manual_seed(cfg.seed + 1)
+    # the script's random streams, one per rank (rank 0's are a single process's): prompts, and every noise
+    rng = random.Random(cfg.seed + 7919 * rank)
+    gcpu = torch.Generator().manual_seed(cfg.seed + 1 + 7919 * rank)
 
     def randn(shape):
         return torch.randn(shape, generator=gcpu).to(dev)
@@ -382,6 +388,7 @@ def main(cfg: Config):
         with fake_ctx():   # the backward too: gradient checkpointing recomputes under the adapter active then
             l_amb, l_cons = fake_loss(x_s.detach(), s, cond, t_range)
             (l_amb + cfg.gamma * l_cons).backward()
+        dist.average_gradients(fake_params)
         clip_grad(fake_params, cfg.max_grad_norm)
         opt_fake.step()
         return l_amb.detach(), l_cons.detach()
@@ -415,7 +422,7 @@ def main(cfg: Config):
     snapshot = lambda: {"gen": detached(models.gen_named), "fake": detached(models.fake_named),
                         "ema": ema.state_dict(), "gen_ema": _ema_state(models.gen_named, ema),
                         "opt_gen": opt_gen.state_dict(), "opt_fake": opt_fake.state_dict(),
-                        "streams": {"prompts": rng.getstate(), "noise": gcpu.get_state()}}
+                        "streams": dist.gather_objects({"prompts": rng.getstate(), "noise": gcpu.get_state()})}
     state = run.resume(needs=("gen", "fake"))
     resumed_at = run.step
     if state:
@@ -423,8 +430,10 @@ def main(cfg: Config):
         load_trained(models.fake_named, state["fake"], "--resume")
         ema.load_state_dict(state["ema"])
         opt_gen.load_state_dict(state["opt_gen"]), opt_fake.load_state_dict(state["opt_fake"])
-        if "streams" in state:   # (older checkpoints: the streams restart from the seed)
-            rng.setstate(_as_tuple(state["streams"]["prompts"])), gcpu.set_state(state["streams"]["noise"])
+        if "streams" in state:   # one per rank (older checkpoints: one dict; none: they restart from the seed)
+            per_rank = state["streams"] if isinstance(state["streams"], list) else [state["streams"]]
+            own = per_rank[rank] if rank < len(per_rank) else per_rank[0]
+            rng.setstate(_as_tuple(own["prompts"])), gcpu.set_state(own["noise"])
     n1 = cfg.steps if run_stage1 else 0
 
     with run.interrupt_guard(snapshot):
@@ -451,6 +460,7 @@ def main(cfg: Config):
                 loss, g = dmd_loss(x_s, y_f, y_r)
                 opt_gen.zero_grad(set_to_none=True)
                 loss.backward()
+                dist.average_gradients(gen_params)
                 gn = clip_grad(gen_params, cfg.max_grad_norm)
                 opt_gen.step()
                 logs.update(dmd_loss=loss.detach(), dmd_grad_norm=g.flatten(1).norm(dim=1).mean(), grad_norm=gn,
@@ -484,7 +494,8 @@ def main(cfg: Config):
             S = subgrpo_steps(cfg.seed, epoch, stochastic, cfg.sub_steps)
             base = [rng.choice(prompts_all) for _ in range(cfg.groups)]
             cond = backend.encode(base).repeat(cfg.group_size)
-            keys = [f"{p}#{i // cfg.group_size}" for i, p in enumerate(cond.prompts)]
+            # group-shared noise keyed by prompt and the group's index over all ranks (rank 0: 0..groups-1)
+            keys = [f"{p}#{rank * cfg.groups + i // cfg.group_size}" for i, p in enumerate(cond.prompts)]
             noises = subgrpo_noises(keys, backend.latent_shape, K, S, stochastic, epoch, dev)
             B, chain = cond.batch_size, cfg.dmd_through == "all"
             vfn = tiled_velocity_fn(backend, gen, cond)
@@ -538,6 +549,7 @@ def main(cfg: Config):
             # ---- update ----
             opt_gen.zero_grad(set_to_none=True)
             loss.backward()
+            dist.average_gradients(gen_params)
             gn = clip_grad(gen_params, cfg.max_grad_norm)
             opt_gen.step()
             ema.update()
@@ -546,7 +558,8 @@ def main(cfg: Config):
             logs = {"stage": 2, "loss": loss.detach(), "pg": pg.detach(), "dmd": torch.as_tensor(l_dm).detach(),
                     "fake_loss": l_amb, "consistency": l_cons, "grad_norm": gn, "subgrpo_steps": S,
                     "adv_mean": A.mean(), "adv_std": A.std(), "adv_absmax": A.abs().max()}
-            logs.update({f"reward_{n}": r[:, i].mean() for i, n in enumerate(reward.names)})
+            r_all = dist.all_gather_cat(r)    # (world B, M): the logged means are over every rank's samples
+            logs.update({f"reward_{n}": r_all[:, i].mean() for i, n in enumerate(reward.names)})
             if clipfrac:
                 logs["clipfrac"] = torch.stack(clipfrac).mean()
             if is_toy and (epoch + 1) % max(1, cfg.epochs // 5) == 0:
@@ -569,6 +582,7 @@ def main(cfg: Config):
         summary.update({f"student_{k}": v for k, v in score_summary(reward, backend.decode(lat), prompts).items()})
     summary["beta"] = cfg.beta if cfg.advantage == "raw" else None
     run.finish(summary, snapshot())
+    dist.cleanup()
     return summary
 
 

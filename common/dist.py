@@ -109,6 +109,31 @@ def reduce_mean(x: torch.Tensor | float) -> torch.Tensor:
     return t.cpu()
 
 
+def average_gradients(params: Sequence[torch.Tensor]) -> None:
+    """Data parallelism without a DDP wrapper: replace every gradient by its mean over ranks, once per optimizer step
+    (between the last backward and clipping). Why no DDP: the backends read attributes off the module they are given
+    (net.config), which a wrapper hides; OTCA's ranks may run different numbers of backward passes (DDP's per-backward
+    hooks would deadlock); RTDMD trains two adapters of one transformer with two optimizers. A parameter without a
+    gradient (its chunk trained nothing on this rank) contributes zeros. The gradients travel as one flat buffer per
+    dtype (one collective instead of one per tensor: a LoRA has hundreds). Single process: nothing happens."""
+    if not is_dist():
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= world_size()
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
 def any_rank(flag: bool) -> bool:
     """True when flag is True on at least one rank (a stop signal every rank must agree on)."""
     if not is_dist():

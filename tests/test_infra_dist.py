@@ -1,9 +1,9 @@
 """Two processes with gloo on CPU give the same result as one process with the same global batch (common/dist.py).
 
 One spawn of 2 workers checks, in order: DDP training, FSDP2 training and its full state dict, GRPO rewards
-gathered across ranks (a group split between the ranks) then normalised, uneven gathers, the rank-0-only
-checkpoint with every rank's RNG state and the per-rank exact resume, and the NaN stop that every rank agrees on.
-The parent computes the single-process references and compares.
+gathered across ranks (a group split between the ranks) then normalised, uneven gathers, gradient averaging, the
+rank-0-only checkpoint with every rank's RNG state and the per-rank exact resume, and the NaN stop that every rank
+agrees on. The parent computes the single-process references and compares.
 """
 from __future__ import annotations
 
@@ -89,6 +89,14 @@ def worker(rank: int, world: int, port: int, tmp: str) -> None:
     uneven = rewards[:5] if rank == 0 else rewards[5:]  # 5 rows on rank 0, 7 on rank 1
     out["uneven"] = dist.all_gather_cat(uneven)
     out["mean"] = dist.reduce_mean(float(rank))
+    # average_gradients: the mean over ranks of every gradient, across dtypes, a missing one counting as zeros
+    ps = [torch.zeros(2, 3, requires_grad=True), torch.zeros(4, dtype=torch.float64, requires_grad=True),
+          torch.zeros(5, requires_grad=True)]
+    ps[0].grad = torch.arange(6.0).reshape(2, 3) * (rank + 1)
+    ps[1].grad = torch.full((4,), 10.0 ** rank, dtype=torch.float64)
+    ps[2].grad = torch.ones(5) if rank == 0 else None
+    dist.average_gradients(ps)
+    out["avg"] = [p.grad for p in ps]
 
     # checkpoint: all ranks call save, rank 0 writes, each rank's RNG comes back on resume
     from common.runs import Run, list_checkpoints
@@ -144,6 +152,10 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert torch.allclose(torch.cat([res[0]["adv_local"], res[1]["adv_local"]]), adv, atol=1e-6)
     assert all(torch.equal(res[r]["uneven"], rewards) for r in range(2))
     assert all(float(res[r]["mean"]) == 0.5 for r in range(2))
+    for r in range(2):
+        g0, g1, g2 = res[r]["avg"]
+        assert torch.equal(g0, torch.arange(6.0).reshape(2, 3) * 1.5) and g1.dtype == torch.float64
+        assert torch.equal(g1, torch.full((4,), 5.5, dtype=torch.float64)) and torch.equal(g2, torch.full((5,), 0.5))
 
     assert all(res[r]["resume_rng_equal"] for r in range(2))
     assert res[0]["ckpts"] == [1] and res[0]["rng_ranks"] == 2
