@@ -77,6 +77,8 @@ class Call:
     cond: Any = None
     guidance: Any = None
     autocast: tuple | None = None   # (device type, dtype) when the call ran under autocast: replayed under it too
+    forwards: int = 1               # network forwards the call should run (backend.forwards_per_call: Wan 2.2's
+                                    # experts, one each for the rows they take)
 
 
 def _autocast_state(x) -> tuple | None:
@@ -182,7 +184,8 @@ def _instrument_backend(backend, rec: Recorder) -> None:
     def velocity(self, net, x, sigma, cond=None, guidance=None, *args, **kwargs):
         t0 = time.perf_counter()
         grad = torch.is_grad_enabled()
-        c = Call(role=rec.role(net), grad=grad, batch=int(x.shape[0]), step=rec.step + 1, eval=rec.eval_depth > 0)
+        c = Call(role=rec.role(net), grad=grad, batch=int(x.shape[0]), step=rec.step + 1, eval=rec.eval_depth > 0,
+                 forwards=backend.forwards_per_call(net, sigma))
         if rec.keep_inputs and not c.eval:
             c.net, c.x, c.x_requires_grad = net, _clone(x), bool(x.requires_grad and grad)
             c.sigma, c.cond, c.guidance = _clone(sigma), cond, guidance
@@ -236,8 +239,10 @@ def _instrument_backend(backend, rec: Recorder) -> None:
                 getattr(backend, "exact", None)):
         if isinstance(net, torch.nn.Module) and id(net) not in seen:
             seen.add(id(net))
-            # deepcopies of the network (EMA teacher, fake score) inherit the hook: every forward is counted
-            net.register_forward_hook(hook)
+            # deepcopies of the network (EMA teacher, fake score) inherit the hook: every forward is counted; a
+            # container of experts (Wan 2.2) is never called itself, its experts are
+            for m in getattr(net, "experts", None) or [net]:
+                m.register_forward_hook(hook)
 
 
 def _time_module(reward, rec: Recorder) -> None:
@@ -535,7 +540,7 @@ def _summarise(method, argv, cfg, rows, rec: Recorder, replays, replay_steps, wa
                 samples_n[_key((c.role, c.grad))] += c.batch
             for k, v in exp.items():
                 expect_n[_key(k)] += v
-            unacc += rec.forwards[s] - len(train)
+            unacc += rec.forwards[s] - sum(c.forwards for c in train)
             times.append(float(r["step_time"]) - rec.eval_time.get(s, 0.0) - rec.instr_time.get(s, 0.0)
                          - rec.replay_time.get(s, 0.0))
         n = len(prow)

@@ -124,6 +124,9 @@ class Backend(abc.ABC):
       guidance     default guidance scale (1.0 = no CFG); FLUX.1 embeds it instead of running two passes
       shift        default static shift of the schedule (1.0 = none); families with a dynamic shift override sigmas()
       device, dtype  where the network lives and its parameter dtype (bf16 on GPU for the big families)
+      splits_rows  True when velocity() may send the rows of one call to different networks (Wan 2.2's experts,
+                   by sigma): a row's value then depends on the call's other rows up to float rounding (sub-batches
+                   of other sizes), so a recomputation at other row groupings is equal to rounding, not bitwise
     """
 
     name: str = "base"
@@ -131,6 +134,7 @@ class Backend(abc.ABC):
     latent_shape: tuple[int, ...] = ()
     guidance: float = 1.0
     shift: float = 1.0
+    splits_rows: bool = False
 
     def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         self.device = torch.device(device)
@@ -172,6 +176,11 @@ class Backend(abc.ABC):
         """Latents -> what a reward sees. Differentiable (no torch.no_grad inside): methods back-propagate rewards."""
 
     # ----- defaults that most families keep -----------------------------------------------------------
+    def forwards_per_call(self, net: nn.Module, sigma: torch.Tensor | float) -> int:
+        """How many network forwards one velocity(net, x, sigma, ...) call runs: 1 (CFG is one batched pass);
+        Wan 2.2 one per expert that the rows' sigmas reach. The benchmark harness checks forwards against it."""
+        return 1
+
     def prompts(self, split: str = "train") -> list[str]:
         """The built-in prompt list for smoke runs (split 'train' or 'eval'); the toy returns its class names.
         Real prompt files (HPDv2, DrawBench, ...) are loaded by the scripts' --prompts flag instead."""

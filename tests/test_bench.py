@@ -6,6 +6,7 @@ import collections
 import json
 
 import pytest
+import torch
 
 from benchmarks.harness import cli, expected_calls, measure
 
@@ -212,3 +213,30 @@ esac
     bad = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "bogus"], cwd=root, env=env, capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
+
+
+def test_wan22_two_experts_rank_calls_accounted_and_on_policy(monkeypatch):
+    """OTCA on tiny Wan 2.2 (two experts split by sigma) at train fraction 0.6: a rank-j recomputation call holds
+    rows at different steps, some on each side of the boundary, so velocity() runs both experts in one call. The
+    harness counts one forward per expert reached (no unaccounted forward), and --debug's on-policy check holds (to
+    float rounding there: the experts see sub-batches the rollout did not have)."""
+    from common.backends.wan import WanBackend
+    splits = []
+    real = WanBackend.forwards_per_call
+
+    def spy(self, net, sigma):
+        n = real(self, net, sigma)
+        splits.append(n)
+        return n
+    monkeypatch.setattr(WanBackend, "forwards_per_call", spy)
+    r = _one(measure("otca", ["--teacher", "wan", "--tiny", "--steps", "2", "--train-fraction", "0.6", "--nfe", "6",
+                              "--group-size", "4", "--prompts-per-step", "1", "--micro-batch", "2", "--reward",
+                              "temporal_consistency,motion_smoothness", "--eval-samples", "0", "--precision", "fp32",
+                              "--device", "cpu", "--debug"], backend_options={"two_experts": True}, replays=1))
+    assert r["nfe_match"] and r["unaccounted_forwards"] == 0
+    assert 2 in splits and 1 in splits            # some calls ran both experts, the others one
+    be = WanBackend(tiny=True, two_experts=True)
+    b = be.network.boundary
+    assert be.splits_rows and not WanBackend(tiny=True).splits_rows
+    assert be.forwards_per_call(be.network, torch.tensor([b + 0.05, b - 0.05])) == 2
+    assert be.forwards_per_call(be.network, b + 0.01) == 1 and be.forwards_per_call(be.network.experts[0], 0.1) == 1

@@ -108,6 +108,17 @@ class WanBackend(DiffusersBackend):
         v_u, v_c = out.chunk(2)
         return cfg_combine(v_u, v_c, g)
 
+    @property
+    def splits_rows(self) -> bool:
+        """Wan 2.2: a call whose rows straddle the boundary runs each expert on its own rows (smaller batches)."""
+        return isinstance(self.network, TwoExperts)
+
+    def forwards_per_call(self, net: nn.Module, sigma) -> int:
+        if not isinstance(net, TwoExperts):
+            return 1
+        high = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1) * 1000.0 >= net.boundary * 1000.0
+        return 2 if bool(high.any()) and not bool(high.all()) else 1
+
     def velocity(self, net: nn.Module, x: torch.Tensor, sigma, cond: Cond, guidance: float | None = None):
         """v in float32, (B, C, f, h, w). Two experts: each sample goes to the expert of its sigma, the
         high-noise one at guidance, the low-noise one at guidance_2 (a passed guidance sets both)."""
