@@ -145,6 +145,17 @@ PRESETS = {
 FAKE_ADAPTER = "fake"     # --fake-copy adapter: the fake score's LoRA adapter on the generator's transformer
 
 
+def checks(cfg: Config) -> str | None:
+    """Flag combinations that opt()'s per-flag bounds cannot see (None: fine)."""
+    ts = list(cfg.timesteps)
+    if len(ts) < 2 or not all(a > b for a, b in zip(ts, ts[1:])) or ts[0] > 1000 or ts[-1] <= 0:
+        return (f"--timesteps must fall strictly from at most 1000 to above 0, at least two of them (the last step "
+                f"is deterministic), got {','.join(map(str, ts))}")
+    if cfg.sub_steps > len(ts) - 1:
+        return f"--sub-steps {cfg.sub_steps} exceeds the {len(ts) - 1} stochastic steps of --timesteps"
+    return None
+
+
 @dataclass
 class Models:
     """RTDMD's three networks and how each is called. gen is trained; fake (trained) and teacher (frozen) are
@@ -313,8 +324,9 @@ def eval_only(cfg: Config, backend, models: Models, reward, tilt) -> dict:
 
 
 def main(cfg: Config):
-    if cfg.sub_steps > len(cfg.timesteps) - 1:
-        raise ConfigError(f"--sub-steps {cfg.sub_steps} exceeds the {len(cfg.timesteps) - 1} stochastic steps")
+    problem = checks(cfg)        # (also at parse time from the command line; here for main(cfg) callers)
+    if problem:
+        raise ConfigError(problem)
     # one bar over both stages: the log's step runs over stage-1 iterations, then stage-2 epochs
     total = (cfg.steps if cfg.stage in ("1", "all") else 0) + (cfg.epochs if cfg.stage in ("2", "all") else 0)
     # data parallel under torchrun: every rank holds the models, draws its own prompts and noise, and the gradients
@@ -607,4 +619,4 @@ def _small(cfg):
 
 if __name__ == "__main__":
     with user_errors():
-        main(parse_config(Config, presets=PRESETS))
+        main(parse_config(Config, presets=PRESETS, checks=[checks]))

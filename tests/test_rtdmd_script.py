@@ -63,3 +63,13 @@ def test_user_error_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:                         # a bad value: argparse's error, also one line
         parse_config(rtdmd.Config, ["--advantage", "nope"], presets=rtdmd.PRESETS)
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("ts", ["1000,1200,500", "1000", "1000,750,0", "1500,750"])
+def test_timesteps_must_fall_within_the_schedule(ts, capsys):
+    """Rising, single, zero-ending or > 1000 raw timesteps are one-line errors at parse time (they used to run)."""
+    with pytest.raises(SystemExit) as e:
+        parse_config(rtdmd.Config, ["--timesteps", ts], presets=rtdmd.PRESETS, checks=[rtdmd.checks])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip().count("\n") == 0 and "--timesteps must fall" in err
+    assert rtdmd.checks(parse_config(rtdmd.Config, ["--timesteps", "1000,600,300"], presets=rtdmd.PRESETS)) is None
