@@ -1,0 +1,103 @@
+"""The three scripts data parallel over 2 CPU processes (gloo, spawned inside pytest, as torchrun would start them).
+
+One spawn runs, for each of rats.py, otca.py and rtdmd.py on the toy, a run with checkpoints and then a resume from
+one of its middle checkpoints. Checked: both ranks end with the same weights bit for bit (the gradients are averaged
+before every update), rtdmd's ranks draw different samples (their own random streams), one run directory written by
+rank 0 only, and the resumed 2-rank run logs what the uninterrupted one logged and ends with the same weights (every
+rank's random streams are in the checkpoint).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+
+import torch
+import torch.multiprocessing as mp
+
+CASES = {   # script: (flags, the checkpoint step the resume starts from)
+    "rats": (["--steps", "4", "--eval-size", "64", "--save-every", "2"], 2),
+    "otca": (["--steps", "4", "--eval-samples", "0", "--nfe", "5", "--train-fraction", "0.5", "--prompts-per-step",
+              "2", "--save-every", "2"], 2),
+    "rtdmd": (["--steps", "4", "--epochs", "2", "--fake-ratio", "2", "--batch", "16", "--groups", "2",
+               "--group-size", "4", "--eval-samples", "200", "--save-every", "3"], 3),
+}
+
+
+def run_case(name: str, flags: list[str], cut: int, rank: int, tmp: str, out: dict) -> None:
+    """One script on this rank: a run with checkpoints, then (rank 0 copies it at step `cut`) a resume."""
+    import importlib
+
+    from common import dist
+    from common.config import parse_config
+    from common.runs import list_checkpoints
+    mod = importlib.import_module(name)
+    backends, fake_losses = [], []
+    real_get = mod.get_backend
+    mod.get_backend = lambda *a, **k: backends.append(real_get(*a, **k)) or backends[-1]
+    if name == "rtdmd":
+        real_loss = mod.ambient_fake_loss
+        mod.ambient_fake_loss = lambda *a, **k: fake_losses.append(real_loss(*a, **k)) or fake_losses[-1]
+
+    def weights():
+        return torch.cat([p.detach().flatten() for p in backends[-1].network.parameters() if p.requires_grad])
+
+    def parse(argv):
+        return parse_config(mod.Config, argv, presets=mod.PRESETS, checks=[getattr(mod, "checks", lambda c: None)])
+    a, c = os.path.join(tmp, name, "a"), os.path.join(tmp, name, "c")
+    mod.main(parse([*flags, "--keep", "0", "--device", "cpu", "--out", a]))
+    out[f"{name}_a"] = weights()
+    if fake_losses:
+        out[f"{name}_first_fake_loss"] = fake_losses[0].detach()
+    if rank == 0:                          # the run as it stood at step `cut`, continued on 2 ranks
+        shutil.copytree(a, c)
+        for step, path in list_checkpoints(c):
+            if step > cut:
+                os.remove(path)
+    dist.barrier()
+    mod.main(parse(["--resume", c]))
+    out[f"{name}_c"] = weights()
+    mod.get_backend = real_get
+
+
+def worker(rank: int, world: int, port: int, tmp: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), HF_HUB_OFFLINE="1")
+    from common import dist
+    real_cleanup = dist.cleanup
+    dist.cleanup = lambda: None            # one process group for every run; left at the end of the worker
+    out: dict = {}
+    for name, (flags, cut) in CASES.items():
+        run_case(name, flags, cut, rank, tmp, out)
+    torch.save(out, os.path.join(tmp, f"rank{rank}.pt"))
+    dist.barrier()
+    real_cleanup()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rows(run) -> list[dict]:
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in ("time", "step_time", "peak_mem_mb")}
+                for line in f]
+
+
+def test_two_ranks_stay_equal_and_resume_exactly(tmp_path):
+    mp.start_processes(worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn", join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert not torch.equal(r0["rtdmd_first_fake_loss"], r1["rtdmd_first_fake_loss"])   # each rank its own draws
+    for name in CASES:
+        assert torch.equal(r0[f"{name}_a"], r1[f"{name}_a"]), name      # averaged gradients: equal weights
+        assert torch.equal(r0[f"{name}_c"], r1[f"{name}_c"]), name
+        assert torch.equal(r0[f"{name}_a"], r0[f"{name}_c"]), name      # the resumed run ends where a did
+        a, c = tmp_path / name / "a", tmp_path / name / "c"
+        assert not [f for f in os.listdir(a) if f.startswith("previous-")], name   # one writer: rank 0
+        rows = _rows(a)
+        assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and len(rows) >= 4, name
+        assert _rows(c) == rows, name
+    assert [r["stage"] for r in _rows(tmp_path / "rtdmd" / "a")] == [1] * 4 + [2] * 2
