@@ -205,8 +205,12 @@ class Run:
             for f in os.listdir(self.ckpt_dir):  # temporary files of a process killed mid-write
                 if f.startswith(".") and ".tmp" in f:
                     os.remove(os.path.join(self.ckpt_dir, f))
-            with open(os.path.join(out, "config.json"), "w") as fh:
+            # atomically: under torchrun --resume every rank reads this file while parsing its flags, maybe
+            # while rank 0 rewrites it here; a reader must never see it truncated
+            tmp = os.path.join(out, "config.json.tmp")
+            with open(tmp, "w") as fh:
                 json.dump(to_dict(cfg), fh, indent=2)
+            os.replace(tmp, os.path.join(out, "config.json"))
             print(f"[{method}] run directory {out}\nconfig " + json.dumps(to_dict(cfg)), flush=True)
             self._open_loggers()
         dist.barrier()  # the directory exists (and holds no stale checkpoint) before any rank looks at it

@@ -278,6 +278,27 @@ def test_a_checkpoint_of_another_script_is_a_one_line_error(tmp_path):
         load_checkpoint(out, method="rtdmd", needs=("gen",))
 
 
+def test_config_json_is_never_seen_truncated(tmp_path, monkeypatch):
+    """Under torchrun --resume every rank parses DIR/config.json while rank 0's Run rewrites it: the rewrite is
+    atomic, so a reader in the middle of it still finds the complete old file (it used to find an empty one)."""
+    import common.runs as runs_mod
+    out = str(tmp_path / "run")
+    assert run_script(["--steps", "1", "--save-every", "1", "--out", out])[0] == 0
+    seen = []
+    real_dump = runs_mod.json.dump
+
+    def dump(obj, fh, **kw):     # another rank reading the file while it is being written
+        if getattr(fh, "name", "").endswith(("config.json", "config.json.tmp")):
+            with open(os.path.join(out, "config.json")) as other:
+                seen.append(json.load(other)["steps"])
+        return real_dump(obj, fh, **kw)
+    monkeypatch.setattr(runs_mod.json, "dump", dump)
+    assert run_script(["--resume", out, "--steps", "2"])[0] == 0
+    assert seen == [1]
+    with open(os.path.join(out, "config.json")) as fh:
+        assert json.load(fh)["steps"] == 2
+
+
 def test_exact_resume_bitwise(tmp_path):
     """20 steps in one go == 10 steps, then --resume to 20: same metrics and same final weights, bit for bit."""
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
