@@ -62,7 +62,8 @@ from common.prompts import load_prompts
 from common.rewards import build_reward
 from common.rl import clip_fraction, clipped_surrogate
 from common.runs import Run
-from common.train import EMA, clip_grad, detached, load_trained, make_optimizer, seed_everything, trained_tensors
+from common.train import (EMA, autocast, clip_grad, detached, load_trained, make_optimizer, seed_everything,
+                          trained_tensors)
 
 
 @dataclass
@@ -373,6 +374,11 @@ def main(cfg: Config):
     def randn(shape):
         return torch.randn(shape, generator=gcpu).to(dev)
 
+    def amp():
+        """--precision's autocast, around the network forwards (velocity() returns float32 either way); the
+        backward passes run outside it, as torch's AMP recipe has them."""
+        return autocast(cfg.precision, dev)
+
     def batch_cond(n):
         return backend.encode([rng.choice(prompts_all) for _ in range(n)])
 
@@ -398,7 +404,8 @@ def main(cfg: Config):
     def fake_step(x_s, s, cond, t_range=None):
         opt_fake.zero_grad(set_to_none=True)
         with fake_ctx():   # the backward too: gradient checkpointing recomputes under the adapter active then
-            l_amb, l_cons = fake_loss(x_s.detach(), s, cond, t_range)
+            with amp():
+                l_amb, l_cons = fake_loss(x_s.detach(), s, cond, t_range)
             (l_amb + cfg.gamma * l_cons).backward()
         dist.average_gradients(fake_params)
         clip_grad(fake_params, cfg.max_grad_norm)
@@ -408,8 +415,9 @@ def main(cfg: Config):
     def random_stop_sample(cond, grad):
         """k ~ U{1..K} generator steps (one k per batch); returns (x_s, s (B,), k). plain DMD matches x0_hat at 0."""
         k = rng.randint(1, K)
-        tr = rollout(backend.velocity_fn(gen, cond, 1.0), randn((cond.batch_size, *backend.latent_shape)), sigmas,
-                     "cps", cfg.eta, grad="last" if grad else "none", stop=k - 1, generator=gcpu)
+        with amp():
+            tr = rollout(backend.velocity_fn(gen, cond, 1.0), randn((cond.batch_size, *backend.latent_shape)),
+                         sigmas, "cps", cfg.eta, grad="last" if grad else "none", stop=k - 1, generator=gcpu)
         if cfg.dmd == "plain":
             return tr.x0[:, -1], torch.zeros(cond.batch_size, device=dev), k
         return tr.final, sigmas[k].expand(cond.batch_size).to(dev), k
@@ -462,7 +470,7 @@ def main(cfg: Config):
                 cond = batch_cond(cfg.batch)
                 x_s, s, k = random_stop_sample(cond, grad=True)      # graph on the k-th step only
                 t = sample_renoise_level(s, gcpu).to(dev)
-                with torch.no_grad():
+                with torch.no_grad(), amp():
                     x_t = ambient_forward(x_s.detach(), s, t, randn(x_s.shape))
                     with teacher_ctx():
                         v_r = backend.velocity(teacher, x_t, t, cond, cfg.cfg_scale)
@@ -513,8 +521,9 @@ def main(cfg: Config):
             vfn = tiled_velocity_fn(backend, gen, cond)
             # the loss's own evaluations (stage2_rollout): its graph is held through the fake updates below (with
             # --dmd-through all, K steps of activations next to the fake update's)
-            tr = stage2_rollout(vfn, randn((B, *backend.latent_shape)), sigmas, noises, S, cfg.eta, chain, gcpu,
-                                logprob, reduce)
+            with amp():
+                tr = stage2_rollout(vfn, randn((B, *backend.latent_shape)), sigmas, noises, S, cfg.eta, chain, gcpu,
+                                    logprob, reduce)
             final = tr.final.detach()
             # ---- reward ----
             with torch.no_grad():
@@ -529,7 +538,8 @@ def main(cfg: Config):
             else:
                 A = per_reward_advantages(r, cfg.group_size, reward.weights.to(r.device), cfg.adv_clip)
             # ---- loss: policy gradient on S, DMD + back-prop on the deterministic last step ----
-            lps, x0_last, x0 = stage2_terms(vfn, tr, sigmas, S, cfg.eta, chain, logprob, reduce)
+            with amp():
+                lps, x0_last, x0 = stage2_terms(vfn, tr, sigmas, S, cfg.eta, chain, logprob, reduce)
             pg, clipfrac = torch.zeros((), device=dev), []
             for j, lp in zip(S, lps):
                 if cfg.advantage == "raw":   # plain score function; x (#stochastic/|S|) keeps E_S unbiased
@@ -541,7 +551,7 @@ def main(cfg: Config):
                     clipfrac.append(clip_fraction(ratio, cfg.clip_range))
             lo_t, hi_t = (0.02, cfg.raw_t_max) if cfg.advantage == "raw" else (0.02, 0.98)
             t = lo_t + (hi_t - lo_t) * torch.rand(B, generator=gcpu).to(dev)
-            with torch.no_grad():
+            with torch.no_grad(), amp():
                 x_t = ambient_forward(x0.detach(), 0.0, t, randn(x0.shape))
                 with teacher_ctx():
                     v_r = backend.velocity(teacher, x_t, t, cond, cfg.cfg_scale)
