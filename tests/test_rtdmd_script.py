@@ -3,6 +3,7 @@ import json
 import math
 
 import pytest
+import torch
 
 import rtdmd
 from common.config import parse_config
@@ -73,3 +74,21 @@ def test_timesteps_must_fall_within_the_schedule(ts, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.strip().count("\n") == 0 and "--timesteps must fall" in err
     assert rtdmd.checks(parse_config(rtdmd.Config, ["--timesteps", "1000,600,300"], presets=rtdmd.PRESETS)) is None
+
+
+@pytest.mark.usefixtures("restore_torch_globals")
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_precision_sets_autocast_on_the_training_calls(tmp_path, monkeypatch, precision):
+    """--precision bf16 runs the training step's network calls under bf16 autocast (the flag used to be read
+    nowhere); fp32 none of them. The evaluations run outside it either way."""
+    from toy.backend import Toy2DBackend
+    seen = []
+    real = Toy2DBackend.velocity
+
+    def spy(self, net, *a, **k):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return real(self, net, *a, **k)
+    monkeypatch.setattr(Toy2DBackend, "velocity", spy)
+    rtdmd.main(parse_config(rtdmd.Config, ["--steps", "2", "--epochs", "1", "--eval-samples", "100", "--precision",
+                                           precision, "--out", str(tmp_path)], presets=rtdmd.PRESETS))
+    assert any(seen) == (precision == "bf16") and not all(seen)
