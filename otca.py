@@ -357,8 +357,7 @@ def main(cfg: Config) -> dict:
         opt_.load_state_dict(state["opt"])
         rewards_init = state["rewards_init"]
         if "g_steps" in state:    # (older checkpoints: the stream restarts from the seed)
-            per_rank = state["g_steps"]         # one state per rank (a different world size: rank 0's)
-            g_steps.set_state(per_rank[rank] if rank < len(per_rank) else per_rank[0])
+            g_steps.set_state(dist.this_ranks(state["g_steps"]))     # one state per rank
             credit_sum, credit_n = state["credit_sum"].to(device), state["credit_n"]
     else:
         rewards_init = ev()

@@ -451,8 +451,7 @@ def main(cfg: Config):
         ema.load_state_dict(state["ema"])
         opt_gen.load_state_dict(state["opt_gen"]), opt_fake.load_state_dict(state["opt_fake"])
         if "streams" in state:   # one per rank (older checkpoints: one dict; none: they restart from the seed)
-            per_rank = state["streams"] if isinstance(state["streams"], list) else [state["streams"]]
-            own = per_rank[rank] if rank < len(per_rank) else per_rank[0]
+            own = dist.this_ranks(state["streams"] if isinstance(state["streams"], list) else [state["streams"]])
             rng.setstate(_as_tuple(own["prompts"])), gcpu.set_state(own["noise"])
     n1 = cfg.steps if run_stage1 else 0
 

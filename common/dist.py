@@ -152,6 +152,13 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def this_ranks(per_rank: Sequence[Any]) -> Any:
+    """This rank's entry of a per-rank list (what gather_objects saved in a checkpoint: RNG states, a script's
+    random streams); rank 0's when the list is shorter (resumed on more processes than wrote it)."""
+    r = rank()
+    return per_rank[r] if r < len(per_rank) else per_rank[0]
+
+
 def _comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 

@@ -320,7 +320,7 @@ class Run:
         if len(rngs) != dist.world_size() and self.main:
             print(f"warning: the checkpoint was written by {len(rngs)} processes and this run has "
                   f"{dist.world_size()}; training continues, but not bit for bit", file=sys.stderr, flush=True)
-        set_rng_state(rngs[dist.rank()] if dist.rank() < len(rngs) else rngs[0])
+        set_rng_state(dist.this_ranks(rngs))
         if self.main:
             self._truncate_metrics(self.step)
             print(f"[{self.method}] resumed from {self._resume_from} at step {self.step}", flush=True)

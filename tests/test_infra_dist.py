@@ -89,6 +89,7 @@ def worker(rank: int, world: int, port: int, tmp: str) -> None:
     uneven = rewards[:5] if rank == 0 else rewards[5:]  # 5 rows on rank 0, 7 on rank 1
     out["uneven"] = dist.all_gather_cat(uneven)
     out["mean"] = dist.reduce_mean(float(rank))
+    out["this_ranks"] = [dist.this_ranks(["r0", "r1"]), dist.this_ranks(["only"])]
     # average_gradients: the mean over ranks of every gradient, across dtypes, a missing one counting as zeros
     ps = [torch.zeros(2, 3, requires_grad=True), torch.zeros(4, dtype=torch.float64, requires_grad=True),
           torch.zeros(5, requires_grad=True)]
@@ -152,6 +153,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert torch.allclose(torch.cat([res[0]["adv_local"], res[1]["adv_local"]]), adv, atol=1e-6)
     assert all(torch.equal(res[r]["uneven"], rewards) for r in range(2))
     assert all(float(res[r]["mean"]) == 0.5 for r in range(2))
+    assert [res[r]["this_ranks"] for r in range(2)] == [["r0", "only"], ["r1", "only"]]
     for r in range(2):
         g0, g1, g2 = res[r]["avg"]
         assert torch.equal(g0, torch.arange(6.0).reshape(2, 3) * 1.5) and g1.dtype == torch.float64
@@ -168,5 +170,5 @@ def test_single_process_helpers_are_identity():
     net = nn.Linear(2, 2)
     assert dist.init_distributed("cpu")[:2] == (0, 1) and dist.is_main() and not dist.is_dist()
     assert torch.equal(dist.all_gather_cat(t), t) and torch.equal(dist.local_rows(t, 6), t)
-    assert dist.wrap_ddp(net) is net and dist.wrap_fsdp2(net, [net]) is net
+    assert dist.wrap_ddp(net) is net and dist.wrap_fsdp2(net, [net]) is net and dist.this_ranks([3, 4]) == 3
     assert dist.full_state_dict(net).keys() == net.state_dict().keys() and dist.any_rank(True)
