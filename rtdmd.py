@@ -50,7 +50,7 @@ from typing import Callable, ContextManager, Literal
 import torch
 
 from common import dist
-from common.backend import Cond, calls_as, get_backend
+from common.backend import calls_as, get_backend
 from common.config import ConfigError, RunConfig, opt, parse_config, user_errors
 from common.dmd import (ambient_fake_loss, ambient_forward, ambient_target, ambient_weight, batched_velocity,
                         consistency_loss, dmd_loss, kl_direction, linear_surrogate, per_reward_advantages, project_pair,
@@ -207,22 +207,6 @@ def _both(first: ContextManager, second: ContextManager):
         yield
 
 
-def tiled_velocity_fn(backend, net, cond: Cond, guidance: float = 1.0):
-    """backend.velocity_fn(net, cond, guidance) that also takes n stacked copies of cond's batch: x (n B, ...) is
-    evaluated on the condition repeated n times (Cond.cat), so n evaluations at fixed inputs can be one network call
-    (common.dmd.batched_velocity). A row count that is not a multiple of B is a programming error (ValueError)."""
-    B, tiled = cond.batch_size, {1: cond}
-
-    def fn(x, sigma):
-        n = x.shape[0] // B
-        if n < 1 or n * B != x.shape[0]:
-            raise ValueError(f"{x.shape[0]} rows for a condition of batch {B}")
-        if n not in tiled:
-            tiled[n] = Cond.cat([cond] * n)
-        return backend.velocity(net, x, sigma, tiled[n], guidance)
-    return fn
-
-
 def stage2_rollout(vfn, x, sigmas, noises, S, eta: float, chain: bool, generator, logprob: str, reduce: str):
     """Stage 2's CPS rollout from x (B, ...), in the graph where the loss needs it: common.flow.Trajectory.
 
@@ -246,7 +230,7 @@ def stage2_terms(vfn, tr, sigmas, S, eta: float, chain: bool, logprob: str, redu
     chain, the policy gradient and the back-propagation need the network at the rollout's states with the inputs
     FIXED, a gradient path (weights only) distinct from the chain's (through the states): sharing the chain's
     evaluations would need a custom backward, so the |S| + 1 fixed-input evaluations are made again, as ONE batched
-    call (vfn must be a tiled_velocity_fn) whose log-probabilities follow common.flow.transition_logprob."""
+    call (vfn must be a Backend.tiled_velocity_fn) whose log-probabilities follow common.flow.transition_logprob."""
     K = len(sigmas) - 1
     if not chain:
         return [tr.logprobs[:, j] for j in S], tr.final, tr.final
@@ -392,7 +376,7 @@ def main(cfg: Config):
         e2 = randn(x_s.shape)
         x_t, u = ambient_forward(x_s, s, t, e2), ambient_target(x_s, s, t, e2)
         w = ambient_weight(s, t) if t_range is None else 1.0
-        fn = tiled_velocity_fn(backend, fake, cond)
+        fn = backend.tiled_velocity_fn(fake, cond, 1.0)
         v = fn(x_t, t)
         l_amb = ambient_fake_loss(v, u, w)
         l_cons = torch.zeros((), device=dev)
@@ -517,7 +501,7 @@ def main(cfg: Config):
             keys = [f"{p}#{rank * cfg.groups + i // cfg.group_size}" for i, p in enumerate(cond.prompts)]
             noises = subgrpo_noises(keys, backend.latent_shape, K, S, stochastic, epoch, dev)
             B, chain = cond.batch_size, cfg.dmd_through == "all"
-            vfn = tiled_velocity_fn(backend, gen, cond)
+            vfn = backend.tiled_velocity_fn(gen, cond, 1.0)
             # the loss's own evaluations (stage2_rollout): its graph is held through the fake updates below (with
             # --dmd-through all, K steps of activations next to the fake update's)
             with amp():

@@ -224,6 +224,22 @@ class Backend(abc.ABC):
         """Close over (net, cond, guidance): the (x, sigma) -> v callable that common.flow.rollout takes."""
         return lambda x, sigma: self.velocity(net, x, sigma, cond, guidance)
 
+    def tiled_velocity_fn(self, net: nn.Module, cond: Cond, guidance: float | None = None):
+        """velocity_fn(net, cond, guidance) that also takes n stacked copies of cond's batch: x (n B, ...) is
+        evaluated on the condition repeated n times (Cond.cat, built once per n), so n evaluations at fixed inputs
+        can be one network call (common.dmd.batched_velocity). A row count that is not a multiple of B is a
+        programming error (ValueError)."""
+        B, tiled = cond.batch_size, {1: cond}
+
+        def fn(x, sigma):
+            n = x.shape[0] // B
+            if n < 1 or n * B != x.shape[0]:
+                raise ValueError(f"{x.shape[0]} rows for a condition of batch {B}")
+            if n not in tiled:
+                tiled[n] = Cond.cat([cond] * n)
+            return self.velocity(net, x, sigma, tiled[n], guidance)
+        return fn
+
 
 # ----- registry --------------------------------------------------------------------------------------------
 # name -> "module:Class"; imported on demand so that the toy never pays for diffusers' import time.

@@ -74,7 +74,7 @@ def test_tiled_velocity_fn_tiles_the_condition_and_rejects_other_row_counts():
     from common.backend import get_backend
     backend = get_backend("toy2d", seed=0)
     cond = backend.encode(backend.prompts()[:1] * 4)
-    fn = rtdmd.tiled_velocity_fn(backend, backend.network, cond)
+    fn = backend.tiled_velocity_fn(backend.network, cond, 1.0)
     x, s = torch.randn(4, 2), torch.full((4,), 0.5)
     ref = backend.velocity(backend.network, x, s, cond, 1.0)
     assert torch.allclose(fn(torch.cat([x, x]), torch.cat([s, s])), torch.cat([ref, ref]), atol=1e-6)
