@@ -29,6 +29,11 @@ class TwoExperts(nn.Module):
     def config(self):
         return self.experts[0].config
 
+    def high_noise(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: the rows at raw timestep t = 1000 sigma that go to the high-noise expert (the pipeline
+        compares t with boundary_ratio x 1000)."""
+        return t >= self.boundary * 1000.0
+
 
 class WanBackend(DiffusersBackend):
     """Wan2.1-T2V-1.3B by default; a Wan2.2 folder (transformer_2 + boundary_ratio) gives the two-expert mode.
@@ -116,7 +121,7 @@ class WanBackend(DiffusersBackend):
     def forwards_per_call(self, net: nn.Module, sigma) -> int:
         if not isinstance(net, TwoExperts):
             return 1
-        high = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1) * 1000.0 >= net.boundary * 1000.0
+        high = net.high_noise(torch.as_tensor(sigma, dtype=torch.float32).reshape(-1) * 1000.0)
         return 2 if bool(high.any()) and not bool(high.all()) else 1
 
     def velocity(self, net: nn.Module, x: torch.Tensor, sigma, cond: Cond, guidance: float | None = None):
@@ -129,8 +134,7 @@ class WanBackend(DiffusersBackend):
         if not isinstance(net, TwoExperts):
             return self._expert_velocity(net, x, t, cond, g)
         g2 = self.guidance_2 if guidance is None else g
-        # the pipeline compares the raw timestep t = 1000 sigma with boundary_ratio x 1000
-        high = t >= net.boundary * 1000.0
+        high = net.high_noise(t)
         if bool(high.all()):
             return self._expert_velocity(net.experts[0], x, t, cond, g)
         if not bool(high.any()):
