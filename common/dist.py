@@ -109,13 +109,16 @@ def reduce_mean(x: torch.Tensor | float) -> torch.Tensor:
     return t.cpu()
 
 
-def average_gradients(params: Sequence[torch.Tensor]) -> None:
+def average_gradients(params: Sequence[torch.Tensor], bucket_numel: int = 2 ** 24) -> None:
     """Data parallelism without a DDP wrapper: replace every gradient by its mean over ranks, once per optimizer step
     (between the last backward and clipping). Why no DDP: the backends read attributes off the module they are given
     (net.config), which a wrapper hides; OTCA's ranks may run different numbers of backward passes (DDP's per-backward
     hooks would deadlock); RTDMD trains two adapters of one transformer with two optimizers. A parameter without a
-    gradient (its chunk trained nothing on this rank) contributes zeros. The gradients travel as one flat buffer per
-    dtype (one collective instead of one per tensor: a LoRA has hundreds). Single process: nothing happens."""
+    gradient (its chunk trained nothing on this rank) contributes zeros. The gradients travel in flat buckets of at
+    most bucket_numel elements per dtype (default 2^24: 32 MB in bf16, 64 MB in fp32): one collective per bucket
+    instead of one per tensor (a LoRA has hundreds), and at most one bucket of extra memory (a full fine-tune of a
+    12B model would otherwise copy all its gradients at once); a tensor larger than a bucket is reduced in place.
+    Element for element the same sums as one flat buffer. Single process: nothing happens."""
     if not is_dist():
         return
     for p in params:
@@ -124,14 +127,33 @@ def average_gradients(params: Sequence[torch.Tensor]) -> None:
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for p in params:
         by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    n = world_size()
     for grads in by_dtype.values():
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= world_size()
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        for bucket in _buckets(grads, bucket_numel):
+            if len(bucket) == 1 and bucket[0].is_contiguous():    # alone (large): no copy
+                dist.all_reduce(bucket[0])
+                bucket[0].div_(n)
+                continue
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat)
+            flat /= n
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+
+def _buckets(tensors: Sequence[torch.Tensor], max_numel: int) -> list[list[torch.Tensor]]:
+    """Consecutive runs of tensors with at most max_numel elements together (a larger tensor alone)."""
+    out: list[list[torch.Tensor]] = []
+    size = 0
+    for t in tensors:
+        if not out or size + t.numel() > max_numel:
+            out.append([])
+            size = 0
+        out[-1].append(t)
+        size += t.numel()
+    return out
 
 
 def any_rank(flag: bool) -> bool:

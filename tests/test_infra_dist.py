@@ -98,6 +98,15 @@ def worker(rank: int, world: int, port: int, tmp: str) -> None:
     ps[2].grad = torch.ones(5) if rank == 0 else None
     dist.average_gradients(ps)
     out["avg"] = [p.grad for p in ps]
+    # in buckets of at most 4 elements: (2, 3) alone and in place, (2,) + (1,) + (1,) flat, a transposed (3, 2) alone
+    # but not contiguous (through a copy), (5,) alone; every one the mean over ranks all the same
+    shapes = [(2, 3), (2,), (1,), (1,), (3, 2), (5,)]
+    bs = [torch.zeros(s, requires_grad=True) for s in shapes]
+    for i, b in enumerate(bs):
+        b.grad = torch.arange(float(b.numel())).reshape(b.shape) * (rank + 1) + i
+    bs[4].grad = bs[4].grad.t().contiguous().t()
+    dist.average_gradients(bs, bucket_numel=4)
+    out["avg_buckets"] = [b.grad for b in bs]
 
     # checkpoint: all ranks call save, rank 0 writes, each rank's RNG comes back on resume
     from common.runs import Run, list_checkpoints
@@ -158,6 +167,10 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         g0, g1, g2 = res[r]["avg"]
         assert torch.equal(g0, torch.arange(6.0).reshape(2, 3) * 1.5) and g1.dtype == torch.float64
         assert torch.equal(g1, torch.full((4,), 5.5, dtype=torch.float64)) and torch.equal(g2, torch.full((5,), 0.5))
+        for i, (s, g) in enumerate(zip([(2, 3), (2,), (1,), (1,), (3, 2), (5,)], res[r]["avg_buckets"])):
+            assert torch.equal(g, torch.arange(float(g.numel())).reshape(s) * 1.5 + i), (i, g)
+    assert [[t.numel() for t in b] for b in dist._buckets([torch.zeros(n) for n in (6, 2, 1, 1, 6, 5)], 4)] == \
+        [[6], [2, 1, 1], [6], [5]]
 
     assert all(res[r]["resume_rng_equal"] for r in range(2))
     assert res[0]["ckpts"] == [1] and res[0]["rng_ranks"] == 2
