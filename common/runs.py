@@ -56,7 +56,9 @@ def rng_state() -> dict[str, Any]:
                   "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
                   "gauss": float(np_state["gauss"])},
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # this process's GPU only (each rank saves its own; all visible GPUs' states would not restore where fewer
+        # are visible, e.g. an 8-GPU run resumed on 4, or one GPU per process under SLURM)
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
     }
 
 
@@ -69,8 +71,12 @@ def set_rng_state(s: dict[str, Any]) -> None:
                          "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
                          "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
     torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    cuda = s.get("cuda")
+    if isinstance(cuda, list):   # checkpoints before 2026-11-21: every visible GPU's state; ours is the current one
+        i = torch.cuda.current_device() if torch.cuda.is_available() else -1
+        cuda = cuda[i] if 0 <= i < len(cuda) else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
 
 
 # ----- checkpoint files ------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from common.config import ConfigError, RunConfig, opt, parse_config, to_dict, us
 from common.prompts import PromptError
 from common.rewards import RewardError
 from common.runs import atomic_save, list_checkpoints, load_checkpoint, rng_state, set_rng_state
-from common.train import (EMA, autocast, clip_grad, detached, load_trained, make_optimizer, seed_everything,
+from common.train import (EMA, autocast, base_dtype, clip_grad, detached, load_trained, make_optimizer, seed_everything,
                           trained_tensors)
 from tests import _infra_script as script
 
@@ -365,6 +365,13 @@ def test_rng_state_round_trip():
     first = (random.random(), np.random.rand(3).tolist(), np.random.normal(), torch.rand(3).tolist())
     set_rng_state(s)
     assert (random.random(), np.random.rand(3).tolist(), np.random.normal(), torch.rand(3).tolist()) == first
+    # the CUDA entry is this process's GPU only (None without one); older checkpoints hold a list per visible GPU,
+    # restored by the current device's index when there is one, else skipped (not an IndexError on fewer GPUs)
+    assert s["cuda"] is None or isinstance(s["cuda"], torch.Tensor)
+    if not torch.cuda.is_available():
+        for old in ([], [torch.zeros(16, dtype=torch.uint8)] * 9):
+            set_rng_state({**s, "cuda": old})
+            assert torch.rand(3).tolist() == first[3]
 
 
 # ----- train helpers ----------------------------------------------------------------------------------------
@@ -499,3 +506,26 @@ def test_a_script_can_change_a_shared_default():
 
     assert parse_config(Longer, []).steps == 300 and parse_config(Longer, ["--steps", "7"]).steps == 7
     assert [f for f in Longer.__dataclass_fields__][:2] == ["steps", "seed"]
+
+
+def test_bf16_weights_only_for_a_frozen_lora_base():
+    """A trained weight in bf16 does not move under AdamW steps of 1e-4 (the reason base_dtype keeps it float32)."""
+    w = torch.full((1000,), 0.05, dtype=torch.bfloat16)
+    assert torch.equal(w - 1e-4, w) and not torch.equal(w.float() - 1e-4, w.float())
+    assert base_dtype("bf16", "flux") == {"dtype": torch.bfloat16} == base_dtype("bf16", "wan")
+    assert base_dtype("bf16", "flux", full_finetune=True) == {} == base_dtype("bf16", "dit") == base_dtype("fp32", "sd3")
+    assert base_dtype("bf16", "toy2d") == {}
+
+
+def test_rats_loads_bf16_weights_only_under_a_lora(monkeypatch):
+    """rats.build_backend on a CUDA device: bf16 for the LoRA presets' frozen base, float32 for the DiT and
+    --full-finetune (they are trained, and the DiT's EMA teacher is their average)."""
+    import rats
+    seen = {}
+    monkeypatch.setattr(rats, "get_backend", lambda name, **o: seen.update(o))
+    for flags, bf16 in ((["--teacher", "flux"], True), (["--teacher", "flux", "--full-finetune"], False),
+                        (["--teacher", "dit", "--precision", "bf16"], False),
+                        (["--teacher", "flux", "--precision", "fp32"], False)):
+        seen.clear()
+        rats.build_backend(parse_config(rats.Config, flags, presets=rats.PRESETS), torch.device("cuda"))
+        assert (seen.get("dtype") == torch.bfloat16) == bf16, flags

@@ -113,6 +113,7 @@ def evaluate(out_dir: str, per_prompt: int = 16, nfe: int = 20, guidance: float 
 def train(a) -> None:
     from tqdm import tqdm
     from common.dit import DiT, DiTConfig, flow_matching_loss, load_pretrained, media_to_latent, save_pretrained
+    from common.runs import atomic_save
     from toy.shapes import make_batch, tokenize
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -137,6 +138,8 @@ def train(a) -> None:
         opt.load_state_dict(state["opt"])
         ema.load_state_dict(state["net"] if a.reset_ema else state["ema"])
         gen.set_state(state["gen"])
+        if state.get("cuda_rng") is not None and dev.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], dev)
         step, elapsed = state["step"], state["elapsed"]
     if a.compile:
         for b in net.blocks:
@@ -148,8 +151,11 @@ def train(a) -> None:
     def snapshot():
         save_pretrained(ema, a.out, steps=step, train_seconds=round(elapsed, 1), batch=a.batch, lr=a.lr,
                         ema_decay=a.ema_decay, p_uncond=a.p_uncond, device=str(dev), threads=a.threads)
-        torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "ema": ema.state_dict(), "gen": gen.get_state(),
-                    "step": step, "elapsed": elapsed}, state_path)
+        # on a GPU the loss draws sigma and noise from the device's global RNG (on the CPU from gen): saved too, so
+        # that --resume continues exactly; written atomically (a kill mid-write keeps the previous state)
+        atomic_save({"net": net.state_dict(), "opt": opt.state_dict(), "ema": ema.state_dict(), "gen": gen.get_state(),
+                     "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
+                     "step": step, "elapsed": elapsed}, state_path)
 
     bar = tqdm(total=a.steps, initial=step, desc="pretrain", dynamic_ncols=True, file=sys.stdout)
     loss_avg = None
