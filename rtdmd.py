@@ -253,7 +253,8 @@ def toy_eval(backend, gen, sigmas, reward, cfg, tilt, euler: bool = True, save_d
     mix = backend.target(0)
     g = torch.Generator().manual_seed(12345)
     cond = backend.encode(backend.prompts()[:1]).repeat(cfg.eval_samples)
-    noise = torch.randn(cfg.eval_samples, *backend.latent_shape, generator=g)
+    # drawn on the CPU (the same held-out set on any device), used on the backend's
+    noise = torch.randn(cfg.eval_samples, *backend.latent_shape, generator=g).to(backend.device)
     with torch.no_grad():
         x = rollout(backend.velocity_fn(gen, cond, 1.0), noise, sigmas, "cps", cfg.eta, generator=g).final
         r = reward.combine(reward(backend.decode(x)))

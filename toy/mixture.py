@@ -113,8 +113,8 @@ class GaussianMixture:
         return torch.log(self.weights) + gaussian_logpdf(x.to(self.means.device), self.means, self.covs)
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """log p(x): (B, D) -> (B,), in x's dtype (float64 inside)."""
-        return torch.logsumexp(self.component_logprob(x), dim=-1).to(x.dtype)
+        """log p(x): (B, D) -> (B,), in x's dtype and on x's device (float64 inside, on the mixture's device)."""
+        return torch.logsumexp(self.component_logprob(x), dim=-1).to(x.device, x.dtype)
 
     def responsibilities(self, x: torch.Tensor) -> torch.Tensor:
         """p(k | x): (B, D) -> (B, K), float64."""
