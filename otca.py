@@ -70,7 +70,8 @@ from common.prompts import load_prompts
 from common.rewards import build_reward
 from common.rl import clip_fraction, gaussian_kl_same_std, group_advantages
 from common.runs import Run, load_checkpoint
-from common.train import autocast, clip_grad, detached, load_trained, make_optimizer, seed_everything, trained_tensors
+from common.train import (autocast, base_dtype, clip_grad, detached, load_trained, make_optimizer, seed_everything,
+                          trained_tensors)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -309,7 +310,7 @@ def main(cfg: Config) -> dict:
         torch.set_num_threads(1)   # small networks are latency-bound: extra intra-op threads only spin (309 s -> 18 s)
     backend = get_backend(cfg.teacher, device=device, tiny=cfg.tiny,  # the base model does not depend on --seed
                           **({"pretrained": cfg.pretrained} if cfg.pretrained else {}),
-                          **({"dtype": torch.bfloat16} if cfg.precision == "bf16" else {}))
+                          **base_dtype(cfg.precision, cfg.teacher))  # bf16 for a frozen LoRA base only (DiT: fp32)
     reward = build_reward(cfg.reward, tiny=cfg.tiny, device=device, dataset=getattr(backend, "dataset", None)
                           and backend.dataset.name).to(device)
     M = len(reward.names)

@@ -52,7 +52,7 @@ from common.prompts import load_prompts
 from common.rewards import build_reward
 from common.runs import Run, load_checkpoint
 from common.shaping import GapNormalizer, match_horizons, rats_loss, reward_gate, shaping_distance, shaping_loss
-from common.train import (EMA, autocast, clip_grad, detached, load_trained, make_optimizer, seed_everything,
+from common.train import (EMA, autocast, base_dtype, clip_grad, detached, load_trained, make_optimizer, seed_everything,
                           trained_tensors)
 
 
@@ -214,8 +214,8 @@ def build_backend(cfg: Config, device):
         opts["guidance"] = cfg.guidance
     if cfg.shift is not None:
         opts["shift"] = cfg.shift
-    if cfg.precision == "bf16" and device.type == "cuda":
-        opts["dtype"] = torch.bfloat16
+    if device.type == "cuda":   # bf16 weights for a frozen LoRA base only (base_dtype: trained ones stay float32)
+        opts.update(base_dtype(cfg.precision, cfg.teacher, cfg.full_finetune))
     return get_backend(cfg.teacher, **opts)
 
 

@@ -183,3 +183,13 @@ def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractC
     if precision == "bf16":
         return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
     raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+
+
+def base_dtype(precision: str, teacher: str, full_finetune: bool = False) -> dict[str, torch.dtype]:
+    """get_backend's dtype option for a run: {"dtype": bf16} only when precision is bf16 and the trained tensors sit
+    on a frozen base (a LoRA on the diffusers families), else {} (the backend's default). Trained weights (the toy,
+    the small DiT, --full-finetune) must stay float32 and compute in bf16 under autocast: an AdamW step of 1e-4
+    vanishes in bf16 (every weight with |w| > 0.03 never moves), and so would an EMA's lerp by 1 - decay."""
+    if precision == "bf16" and teacher not in ("toy2d", "dit") and not full_finetune:
+        return {"dtype": torch.bfloat16}
+    return {}

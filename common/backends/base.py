@@ -192,7 +192,7 @@ class DiffusersBackend(Backend):
                  and loaded back through the same loader; offline, CPU, well under a second per step
     lora_rank    LoRA rank (default 32; ignored with full_finetune); lora_alpha (default = rank)
     full_finetune  train every transformer weight instead of a LoRA adapter
-    dtype        parameter dtype: None -> bf16 on CUDA, float32 on CPU
+    dtype        parameter dtype: None -> bf16 on CUDA (float32 with full_finetune: trained weights), float32 on CPU
     device       None -> cuda if available else cpu
     height, width, num_frames   media size in pixels / frames (family defaults)
     guidance     guidance scale (family default); gradient_checkpointing: on the transformer blocks
@@ -223,6 +223,8 @@ class DiffusersBackend(Backend):
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dev = torch.device(device)
+        if dtype is None and full_finetune:   # trained weights stay float32: an AdamW step of 1e-4 vanishes in bf16
+            dtype = torch.float32
         super().__init__(device=dev, dtype=parse_dtype(dtype, dev))
         self.tiny = bool(tiny)
         self.family_options = dict(family_options)
