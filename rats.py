@@ -45,8 +45,8 @@ import torch
 
 from common.backend import calls_as, get_backend
 from common.config import ConfigError, RunConfig, opt, parse_config, user_errors
-from common.dist import all_gather_cat, average_gradients, init_distributed, is_main
-from common.evaluate import held_out, sample_final, save_samples, score_summary
+from common import dist
+from common.evaluate import held_out, sample_final, save_samples
 from common.flow import rollout
 from common.prompts import load_prompts
 from common.rewards import build_reward
@@ -131,6 +131,8 @@ def checks(cfg: Config) -> str | None:
         return "--eval-only needs --ckpt DIR (a run directory or a checkpoint file)"
     if cfg.skip_first_horizon and cfg.nfe == 1:
         return "--skip-first-horizon leaves no horizon with --nfe 1"
+    if cfg.skip_first_horizon and cfg.match == "states":   # horizons are the states after each step: none at sigma 1
+        return "--skip-first-horizon drops the sigma = 1 horizon of --match x0; --match states has none"
     return None
 
 
@@ -146,12 +148,16 @@ def eval_set(backend, cfg: Config):
 
 def evaluate(backend, net, reward, ev, sigmas, cfg: Config) -> tuple[dict, torch.Tensor]:
     """Mean combined reward and per-objective means of net sampled deterministically on `sigmas` ((K+1,): K
-    network evaluations per sample); also returns the final latents."""
-    prompts, cond, noise = ev
-    lat = sample_final(backend, net, cond, noise, sigmas, guidance=cfg.guidance, batch_size=cfg.eval_batch)
+    network evaluations per sample) over the whole eval set; also returns the final latents of this rank's rows.
+    Under torchrun every rank samples its share (dist.strided_rows) and the rewards are gathered: all ranks
+    evaluate together, none waits in a collective while another samples (a Wan evaluation outlasts NCCL's timeout)."""
+    _, cond, noise = ev
+    rows = dist.strided_rows(noise.shape[0])
+    cond = cond.select(rows)
+    lat = sample_final(backend, net, cond, noise[rows], sigmas, guidance=cfg.guidance, batch_size=cfg.eval_batch)
     with torch.no_grad():
-        media = backend.decode(lat)
-    scores = score_summary(reward, media, prompts)
+        r = dist.gather_strided(reward(backend.decode(lat), cond.prompts).float(), noise.shape[0]).cpu()   # (n, M)
+    scores = {n: float(r[:, m].mean()) for m, n in enumerate(reward.names)}
     means = torch.tensor([scores[n] for n in reward.names])
     # combine() is linear, so the combination of the means is the mean of the combined rewards
     return {"reward": float(reward.combine(means[None])[0]), **{f"reward_{n}": scores[n] for n in reward.names}}, lat
@@ -163,6 +169,8 @@ def point_metrics(backend, net, base, sig_S, sig_T, ev, lat, cfg: Config, teache
     teacher_lat: the base teacher's N-step samples of the same eval noise when already computed (not sampled again)."""
     from toy.metrics import kl_sampler, mmd
     _, cond, noise = ev
+    lat = dist.gather_strided(lat, noise.shape[0])      # this rank's rows -> the whole set (2-D points: small)
+    teacher_lat = None if teacher_lat is None else dist.gather_strided(teacher_lat, noise.shape[0])
     n = min(cfg.eval_size, 512)  # the teacher's density needs N Newton inversions per point: keep it small
     cond = cond.select(slice(0, n))
     kl = kl_sampler(backend.velocity_fn(net, cond), sig_S, backend.velocity_fn(base, cond), n,
@@ -221,7 +229,7 @@ def build_backend(cfg: Config, device):
 
 def main(cfg: Config) -> dict:
     torch.set_num_threads(max(1, min(torch.get_num_threads(), int(os.environ.get("RATS_THREADS", "1")))))
-    rank, world, device = init_distributed(cfg.device)
+    rank, world, device = dist.init_distributed(cfg.device)
     seed_everything(cfg.seed + rank)
     ckpt = load_checkpoint(cfg.ckpt, method="rats", needs=("net",)) if cfg.eval_only else None
     if ckpt is not None:  # the model and the trained budget come from the run; reward and eval flags from here
@@ -252,6 +260,7 @@ def main(cfg: Config) -> dict:
     horizons = torch.arange(1 if cfg.skip_first_horizon else 0, cfg.nfe, device=device)
     train_prompts = load_prompts(cfg.prompts) if cfg.prompts not in ("", "builtin") else backend.prompts("train")
     ev = eval_set(backend, cfg)
+    n_ev = ev[2].shape[0]      # eval samples; under torchrun each rank holds the latents of its share
 
     run = None if cfg.eval_only else Run(cfg, "rats", device=device,
                                          show=["r_student", "r_teacher", "gate_mean", "shape_loss"])
@@ -266,7 +275,7 @@ def main(cfg: Config) -> dict:
         print(json.dumps(out, indent=2))
         return out
     summary = {"matching_index": j.tolist(), "sigmas_student": sig_S.tolist()}
-    lat_T0 = None  # the base teacher's N-step samples of the eval set (the reference of dist_to_teacher)
+    lat_T0 = None  # the base teacher's N-step samples of this rank's eval rows (the reference of dist_to_teacher)
     state = run.resume(needs=("net", "ema"))
     if state:
         load_trained(trained_tensors(net), state["net"], "--resume")
@@ -274,23 +283,28 @@ def main(cfg: Config) -> dict:
         ema.load_state_dict(state["ema"])
         normalizer.load_state_dict(state["gap_norm"])
         summary.update(state["summary"])
-    elif is_main():  # before any update: the base teacher at N steps and the untrained student at K steps
+        if state.get("lat_T0") is not None:   # the whole set: the base teacher cannot be sampled again after training
+            lat_T0 = state["lat_T0"].to(device)[dist.strided_rows(n_ev)]
+        else:                                 # (older checkpoints) no reference: no stale value either
+            summary.pop("dist_to_teacher", None)
+    else:  # before any update: the base teacher at N steps and the untrained student at K steps (every rank)
         net.eval()
         with as_teacher():
             ev_T, lat_T0 = evaluate(backend, teacher, reward, ev, sig_T, cfg)
         summary["reward_teacher"] = ev_T["reward"]
         ev0, lat0 = evaluate(backend, net, reward, ev, sig_S, cfg)
         summary["reward_student_init"] = ev0["reward"]
-        summary["dist_to_teacher_init"] = float(shaping_distance(lat0, lat_T0).mean())
+        summary["dist_to_teacher_init"] = float(dist.gather_strided(shaping_distance(lat0, lat_T0), n_ev).mean())
         if backend.media == "points":
             summary.update({f"{k}_init": v for k, v in
                             point_metrics(backend, net, base, sig_S, sig_T, ev, lat0, cfg, lat_T0).items()})
         net.train()
+    lat_T0_all = None if lat_T0 is None else dist.gather_strided(lat_T0, n_ev)   # every rank's rows, for checkpoints
 
     def snapshot():
         return {"net": detached(trained_tensors(net)),   # the trained tensors only (LoRA: not the frozen base)
                 "opt": opt_.state_dict(), "ema": ema.state_dict(), "gap_norm": normalizer.state_dict(),
-                "summary": summary}
+                "summary": summary, "lat_T0": lat_T0_all}
 
     grad_mode = cfg.reward_grad_steps if cfg.reward_grad_steps > 0 else "all"
     B, A = cfg.batch_size, cfg.grad_accum
@@ -318,7 +332,7 @@ def main(cfg: Config) -> dict:
                 r_S = reward.combine(r_S_cols)
                 # ---- credit: the per-sample gate on the shaping loss (stop-gradient) ----
                 gap = r_T - r_S.detach()                                           # (B,) teacher minus student
-                scale = normalizer.update(all_gather_cat(gap)) if cfg.gap_norm == "running_std" else 1.0
+                scale = normalizer.update(dist.all_gather_cat(gap)) if cfg.gap_norm == "running_std" else 1.0
                 w = reward_gate(r_T, r_S, tau=cfg.tau, kind=cfg.gate, scale=scale)  # (B,) detached
                 # ---- loss: matched-horizon shaping + reward ----
                 if cfg.match == "x0":
@@ -342,7 +356,7 @@ def main(cfg: Config) -> dict:
                                  **{f"r_student_{n}": r_S_cols[:, m].detach().mean()
                                     for m, n in enumerate(reward.names) if len(reward.names) > 1}))
             # ---- update: average over ranks, clip, step, then the EMA teacher (never in the optimizer) ----
-            average_gradients(params)   # data parallel: one all-reduce (mean) per optimizer step
+            dist.average_gradients(params)   # data parallel: one all-reduce (mean) per optimizer step
             gn = clip_grad(params, cfg.max_grad_norm)
             opt_.step()
             ema.update()
@@ -350,7 +364,7 @@ def main(cfg: Config) -> dict:
             row = {k: torch.stack([torch.as_tensor(d[k], dtype=torch.float32) for d in logs]).mean(0) for k in logs[0]}
             if cfg.gap_norm == "running_std":
                 row["gap_scale"] = scale
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and is_main():
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0:   # every rank: each samples its share
                 net.eval()
                 row["eval_reward_student"] = evaluate(backend, net, reward, ev, sig_S, cfg)[0]["reward"]
                 with as_teacher():
@@ -360,11 +374,10 @@ def main(cfg: Config) -> dict:
             # ---- eval and save ----
             if run.due(step + 1):
                 run.save(step + 1, snapshot())
-    net.eval()
-    if is_main():
-        summary.update(final_eval(backend, net, teacher, base, reward, ev, sig_S, sig_T, cfg, lat_T0, run.out,
-                                  as_teacher))
+    net.eval()   # every rank evaluates its share of the set; rank 0 writes
+    summary.update(final_eval(backend, net, teacher, base, reward, ev, sig_S, sig_T, cfg, lat_T0, run.out, as_teacher))
     run.finish(summary, state=snapshot())
+    dist.cleanup()
     return summary
 
 
@@ -374,12 +387,14 @@ def final_eval(backend, net, teacher, base, reward, ev, sig_S, sig_T, cfg: Confi
     budgets --eval-nfe, dist_to_teacher (the shaping distance (1 - cos) + MSE between the student's K-step and
     the base teacher's N-step outputs from the same noise: drift and collapse show here on every backend), and
     on 2-D points the KL / MMD against the base teacher."""
-    ev_S, lat = evaluate(backend, net, reward, ev, sig_S, cfg)
+    ev_S, lat = evaluate(backend, net, reward, ev, sig_S, cfg)                 # lat: this rank's rows
     if save_dir and backend.media == "points":   # the demo draws them over the data density
-        save_samples(save_dir, lat, backend.target(0) if hasattr(backend, "target") else None)
+        everything = dist.gather_strided(lat, ev[2].shape[0])
+        if dist.is_main():
+            save_samples(save_dir, everything, backend.target(0) if hasattr(backend, "target") else None)
     out = {"reward_student": ev_S["reward"], **{f"{k}_student": v for k, v in ev_S.items() if k != "reward"}}
     if lat_T0 is not None:
-        out["dist_to_teacher"] = float(shaping_distance(lat, lat_T0).mean())
+        out["dist_to_teacher"] = float(dist.gather_strided(shaping_distance(lat, lat_T0), ev[2].shape[0]).mean())
     with as_teacher():
         out["reward_teacher_ema"] = evaluate(backend, teacher, reward, ev, sig_T, cfg)[0]["reward"]
     for k in cfg.eval_nfe:

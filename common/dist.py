@@ -43,7 +43,9 @@ def pick_device(name: str = "auto") -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        # modulo the visible GPUs: a launcher that shows each process only its own GPU (SLURM's per-task
+        # CUDA_VISIBLE_DEVICES) still sets LOCAL_RANK 0..n-1, and cuda:LOCAL_RANK would not exist there
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % max(1, torch.cuda.device_count()))
     return device
 
 
@@ -97,6 +99,22 @@ def local_rows(x: torch.Tensor, n_local: int) -> torch.Tensor:
     """This rank's rows of a gathered (world * n_local, ...) tensor (equal shares): the inverse of all_gather_cat."""
     r = rank()
     return x[r * n_local:(r + 1) * n_local]
+
+
+def strided_rows(n: int) -> list[int]:
+    """This rank's share of a set of n rows for evaluation: rows rank, rank + world, ... (every row on one rank;
+    shares differ by at most one). Single process: all of them."""
+    return list(range(rank(), n, world_size()))
+
+
+def gather_strided(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Every rank's strided_rows(n) results back in the set's order: (n_r, ...) on rank r -> (n, ...) on every rank.
+    Single process: x unchanged."""
+    if not is_dist():
+        return x
+    g = all_gather_cat(x)                                        # rank 0's rows, then rank 1's, ...
+    order = torch.cat([torch.arange(r, n, world_size()) for r in range(world_size())]).to(g.device)
+    return torch.empty_like(g).index_copy_(0, order, g)
 
 
 def reduce_mean(x: torch.Tensor | float) -> torch.Tensor:

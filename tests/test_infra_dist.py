@@ -90,6 +90,9 @@ def worker(rank: int, world: int, port: int, tmp: str) -> None:
     out["uneven"] = dist.all_gather_cat(uneven)
     out["mean"] = dist.reduce_mean(float(rank))
     out["this_ranks"] = [dist.this_ranks(["r0", "r1"]), dist.this_ranks(["only"])]
+    # an eval set of 7 rows shared 4 / 3 by striding, each rank's results back in the set's order on every rank
+    rows = dist.strided_rows(7)
+    out["strided"] = (rows, dist.gather_strided(rewards[:7][rows] * 2, 7))
     # average_gradients: the mean over ranks of every gradient, across dtypes, a missing one counting as zeros
     ps = [torch.zeros(2, 3, requires_grad=True), torch.zeros(4, dtype=torch.float64, requires_grad=True),
           torch.zeros(5, requires_grad=True)]
@@ -163,6 +166,8 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert all(torch.equal(res[r]["uneven"], rewards) for r in range(2))
     assert all(float(res[r]["mean"]) == 0.5 for r in range(2))
     assert [res[r]["this_ranks"] for r in range(2)] == [["r0", "only"], ["r1", "only"]]
+    assert [res[r]["strided"][0] for r in range(2)] == [[0, 2, 4, 6], [1, 3, 5]]
+    assert all(torch.equal(res[r]["strided"][1], rewards[:7] * 2) for r in range(2))
     for r in range(2):
         g0, g1, g2 = res[r]["avg"]
         assert torch.equal(g0, torch.arange(6.0).reshape(2, 3) * 1.5) and g1.dtype == torch.float64

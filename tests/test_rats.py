@@ -121,6 +121,7 @@ def test_local_shaping_and_truncated_reward_run(tmp_path):
     (["--nfe", "2", "--reward-grad-steps", "3"], "exceeds --nfe"),
     (["--gate", "soft"], "choose one of"),
     (["--teacher", "nope"], "unknown backend"),
+    (["--skip-first-horizon", "--match", "states"], "--match states has none"),
 ])
 def test_user_errors_one_line_exit_2(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:
@@ -150,10 +151,13 @@ def test_smoke_tiny_real_backends(tmp_path, backend, reward):
 
 def test_resume_is_exact(tmp_path):
     # Two steps straight vs one step, stop, --resume for the second: the same student, teacher and logged row.
-    _run(tmp_path / "a", "--steps", "2", "--nfe", "2")
+    _, summ_a = _run(tmp_path / "a", "--steps", "2", "--nfe", "2")
     _run(tmp_path / "b", "--steps", "1", "--nfe", "2")
     cfg = parse_config(rats.Config, ["--resume", str(tmp_path / "b"), "--steps", "2"], presets=rats.PRESETS)
-    rats.main(cfg)
+    summ_b = rats.main(cfg)
+    # the summary too: dist_to_teacher needs the base teacher's samples, which the checkpoint carries (before, the
+    # resumed run reported the first run's value)
+    assert summ_a == summ_b and "dist_to_teacher" in summ_b
     sa, sb = load_checkpoint(str(tmp_path / "a"))["state"], load_checkpoint(str(tmp_path / "b"))["state"]
     for n in sa["net"]:
         assert torch.equal(sa["net"][n], sb["net"][n])

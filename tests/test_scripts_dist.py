@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -46,8 +47,10 @@ def run_case(name: str, flags: list[str], cut: int, rank: int, tmp: str, out: di
     def parse(argv):
         return parse_config(mod.Config, argv, presets=mod.PRESETS, checks=[getattr(mod, "checks", lambda c: None)])
     a, c = os.path.join(tmp, name, "a"), os.path.join(tmp, name, "c")
-    mod.main(parse([*flags, "--keep", "0", "--device", "cpu", "--out", a]))
+    summary = mod.main(parse([*flags, "--keep", "0", "--device", "cpu", "--out", a]))
     out[f"{name}_a"] = weights()
+    if name == "rats":                     # every rank evaluates (its share), so every rank has the final numbers
+        out["rats_reward_student"] = torch.tensor(summary.get("reward_student", float("nan")))
     if fake_losses:
         out[f"{name}_first_fake_loss"] = fake_losses[0].detach()
     if rank == 0:                          # the run as it stood at step `cut`, continued on 2 ranks
@@ -87,6 +90,7 @@ def _rows(run) -> list[dict]:
                 for line in f]
 
 
+@pytest.mark.usefixtures("restore_torch_globals")   # the one-process evaluation below runs rats.main in this process
 def test_two_ranks_stay_equal_and_resume_exactly(tmp_path):
     mp.start_processes(worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn", join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
@@ -101,3 +105,16 @@ def test_two_ranks_stay_equal_and_resume_exactly(tmp_path):
         assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and len(rows) >= 4, name
         assert _rows(c) == rows, name
     assert [r["stage"] for r in _rows(tmp_path / "rtdmd" / "a")] == [1] * 4 + [2] * 2
+
+    # rats.py evaluates on every rank, each its share of the eval set, the rewards gathered (before, rank 0 sampled
+    # the whole set while the other ranks waited in a collective): the 2-rank summary is the set's, as one process
+    # evaluating the same checkpoint finds it
+    assert torch.equal(r0["rats_reward_student"], r1["rats_reward_student"])
+    import rats
+    from common.config import parse_config
+    with open(tmp_path / "rats" / "a" / "summary.json") as f:
+        two = json.load(f)
+    one = rats.main(parse_config(rats.Config, ["--eval-only", "--ckpt", str(tmp_path / "rats" / "a"), "--eval-size",
+                                               "64", "--device", "cpu"], presets=rats.PRESETS))
+    for key in ("reward_student", "dist_to_teacher", "kl_student_teacher", "mmd_student_teacher", "spread"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
