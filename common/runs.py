@@ -3,6 +3,7 @@
     runs/<method>-<teacher>-<YYYYmmdd-HHMMSS>/     (or --out DIR; --resume DIR continues in DIR)
       config.json          the resolved config (also inside every checkpoint)
       metrics.jsonl        one JSON object per logged step: {"step", "time", "step_time", "peak_mem_mb", ...}
+                           (peak_mem_mb: on a GPU the peak since the previous row, on the CPU the process's peak RSS)
       summary.json         the final evaluation passed to run.finish(), plus status and step count
       checkpoints/step_00000010.pt   the last --keep of them, each written atomically
       tb/ or wandb/        only with --logger tensorboard|wandb, when the package is installed
@@ -201,6 +202,7 @@ class Run:
         self.out = out
         self.ckpt_dir = os.path.join(out, "checkpoints")
         self._t0 = self._t_last = time.perf_counter()
+        self._peak_mb = 0.0   # the run's peak (summary.json); each metrics row has its own interval's on a GPU
         self._stop_requested = False
         self._bar = None
         self._tb = self._wandb = None
@@ -260,7 +262,7 @@ class Run:
         now = time.perf_counter()
         row = {"step": int(step), **{k: _to_json(v) for k, v in metrics.items()},
                "time": now - self._t0, "step_time": now - self._t_last,
-               "peak_mem_mb": peak_memory_mb(self.device)}
+               "peak_mem_mb": self._read_peak()}
         self._t_last = now
         self.step = int(step)
         if self.main:
@@ -415,9 +417,19 @@ class Run:
             self._write_summary({"status": "finished", **(summary or {})}, self.step)
         self._close()
 
+    def _read_peak(self) -> float:
+        """Peak memory since the previous read on a GPU (CUDA's counter is reset: a row shows its own step's peak,
+        not model loading's or the first evaluation's), the process's peak RSS on the CPU (it cannot be reset); the
+        running maximum goes to summary.json."""
+        peak = peak_memory_mb(self.device)
+        if self.device is not None and torch.device(self.device).type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._peak_mb = max(self._peak_mb, peak)
+        return peak
+
     def _write_summary(self, summary: dict[str, Any], step: int) -> None:
         row = {"method": self.method, "step": step, "time": time.perf_counter() - self._t0,
-               "peak_mem_mb": peak_memory_mb(self.device), **_to_json(summary)}
+               "peak_mem_mb": max(self._read_peak(), self._peak_mb), **_to_json(summary)}
         tmp = os.path.join(self.out, "summary.json.tmp")
         with open(tmp, "w") as fh:
             json.dump(row, fh, indent=2)

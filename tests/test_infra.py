@@ -340,6 +340,25 @@ def test_nan_in_checkpoint_state_is_never_written(tmp_path):
     assert torch.equal(load_checkpoint(cfg.out)["state"]["w"], torch.ones(3))
 
 
+def test_peak_memory_per_row_on_a_gpu(tmp_path, monkeypatch):
+    """On a GPU each metrics row shows the peak since the previous row (CUDA's counter reset after each read), so
+    a step's row is not model loading's or the first evaluation's; summary.json keeps the run's maximum. CUDA's
+    counters are faked here (tests never need a GPU)."""
+    from common.runs import Run
+    counter = {"bytes": 0}
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: counter["bytes"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: counter.update(bytes=0))
+    run = Run(script.Config(out=str(tmp_path / "r"), steps=2), "infra", device=torch.device("cuda"))
+    counter["bytes"] = 3 * 2**20          # loading + the first evaluation + step 1
+    run.log(1, loss=1.0)
+    counter["bytes"] = 2**20              # step 2 alone
+    run.log(2, loss=1.0)
+    run.finish({})
+    with open(tmp_path / "r" / "summary.json") as f:
+        assert json.load(f)["peak_mem_mb"] == 3.0
+    assert [r["peak_mem_mb"] for r in metrics(str(tmp_path / "r"))] == [3.0, 1.0]
+
+
 def test_ctrl_c_saves_then_resume_is_exact(tmp_path, capsys):
     ref, out = str(tmp_path / "ref"), str(tmp_path / "int")
     assert run_script(["--steps", "12", "--out", ref])[0] == 0
