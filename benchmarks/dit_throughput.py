@@ -95,7 +95,8 @@ def main(argv=None) -> dict:
             b.compile()
     times, loss, t_warm = time_steps(step, a.warmup, a.steps, device)
     t_med = median(times)
-    peak = peak_tflops(device, a.peak_tflops)
+    # the looked-up peak is bf16's: an fp32 run's MFU only against a --peak-tflops the user gives (TF32, FP32)
+    peak = peak_tflops(device, a.peak_tflops) if dtype == torch.bfloat16 or a.peak_tflops else None
     res = dict(benchmark="dit_train_throughput", preset=a.preset, video=a.video, resolution=net.cfg.resolution,
                device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                dtype=str(dtype).removeprefix("torch."), compile=a.compile, batch=a.batch, params=n_params,
