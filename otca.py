@@ -39,8 +39,9 @@ What it simplifies, and why:
   * The paper's method section could not be read (shared/spec/otca.md section 0); TCD's and MOCA's constants and
     normalisations are the reconstructions of that spec (eps_w = 1e-3, rho = 0.2, uniform prior, mean-one credit).
   * The credit and the objective weights are computed once per rollout from the behaviour policy (no gradient).
-  * Trains backend.trainable_parameters (LoRA on the diffusers families, every weight on toy2d and the DiT). Data
-    parallel by averaging gradients over ranks once per optimizer step (no DDP wrapper, no FSDP here). No EMA.
+  * Trains backend.trainable_parameters (LoRA on the diffusers families, or every weight with --full-finetune;
+    every weight on toy2d and the DiT). Data parallel by averaging gradients over ranks once per optimizer step
+    (no DDP wrapper, no FSDP here). No EMA.
   * Guidance is the backend's default everywhere (rollouts, recomputation, evaluation): CFG 2 on the DiT, FLUX.1's
     embedded guidance; there is no separate unguided training policy.
   * Evaluation: deterministic Euler sampling of the held-out prompts from fixed held-out noise, before and after.
@@ -60,7 +61,7 @@ from typing import Literal
 import torch
 
 from common import dist
-from common.backend import Backend, get_backend
+from common.backend import get_backend
 from common.config import ConfigError, RunConfig, opt, parse_config, user_errors
 from common.credit import (batch_mean_credit, fused_clipped_loss, moca_fuse, objective_advantages,
                            per_objective_clipped_loss, step_advantages, tcd_credit, uniform_credit)
@@ -86,6 +87,9 @@ class Config(RunConfig):
     pretrained: str = opt("", "hub id or local directory of the base model ('' = the backend's default)")
     reward: str = opt("toy_otca", "reward spec: name[:weight],... (M objectives = the reward's columns)")
     prompts: str = opt("", "prompt file (.txt/.json/.jsonl/.csv; '' or builtin = the backend's train list)")
+    lora_rank: int = opt(32, "LoRA rank for the diffusers backends", min=0)
+    full_finetune: bool = opt(False, "diffusers backends: train all weights instead of LoRA")
+    gradient_checkpointing: bool = opt(False, "gradient checkpointing on the transformer blocks")
     # --- rollouts
     nfe: int = opt(10, "sampler steps K of a rollout")
     shift: float | None = opt(None, "schedule shift (none = the backend's default)")
@@ -131,19 +135,21 @@ class Config(RunConfig):
 
 # reuse_rollout_graph only where the graphs of all K - 1 steps of a rollout batch fit in memory (the toy and the
 # small DiT); the diffusers backends recompute one step and chunk at a time, which bounds the activations.
+# The diffusers presets train a LoRA (r 32): lr 3e-4, the LoRA value of otca.md 5.1 and Flow-GRPO (1.10); DanceGRPO's
+# 1e-5 is for full fine-tuning, so pass --lr 1e-5 with --full-finetune.
 PRESETS = {
     "toy2d": {"steps": 200, "nfe": 10, "group_size": 8, "prompts_per_step": 8, "lr": 3e-4, "clip": 1e-3,
               "eval_samples": 2048, "reuse_rollout_graph": True},
     "dit": {"steps": 40, "nfe": 8, "group_size": 6, "prompts_per_step": 4, "lr": 1e-4, "reward": "dit_color,dit_size",
             "eval_samples": 64, "clip": 1e-3, "reuse_rollout_graph": True},
-    "flux": {"nfe": 16, "shift": 3.0, "group_size": 12, "prompts_per_step": 1, "lr": 1e-5, "precision": "bf16",
+    "flux": {"nfe": 16, "shift": 3.0, "group_size": 12, "prompts_per_step": 1, "lr": 3e-4, "precision": "bf16",
              "reward": "hps,clip", "train_fraction": 0.6, "eval_samples": 64, "micro_batch": 4},
-    "wan": {"nfe": 12, "shift": 3.0, "group_size": 12, "prompts_per_step": 1, "lr": 1e-5, "precision": "bf16",
+    "wan": {"nfe": 12, "shift": 3.0, "group_size": 12, "prompts_per_step": 1, "lr": 3e-4, "precision": "bf16",
             "reward": "temporal_consistency,text_alignment", "train_fraction": 0.6, "eval_samples": 16,
             "micro_batch": 2, "clip": 1e-3},
     "sd3": {"nfe": 10, "sde": "flow_grpo", "group_size": 24, "prompts_per_step": 1, "lr": 3e-4, "beta_kl": 0.04,
             "precision": "bf16", "reward": "pickscore,clip", "eval_samples": 64, "micro_batch": 8},
-    "flux2": {"nfe": 16, "group_size": 12, "prompts_per_step": 1, "lr": 1e-5, "precision": "bf16",
+    "flux2": {"nfe": 16, "group_size": 12, "prompts_per_step": 1, "lr": 3e-4, "precision": "bf16",
               "reward": "hps,clip", "train_fraction": 0.6, "eval_samples": 64, "micro_batch": 4},
 }
 
@@ -308,9 +314,12 @@ def main(cfg: Config) -> dict:
     seed_everything(cfg.seed + rank)
     if device.type == "cpu":
         torch.set_num_threads(1)   # small networks are latency-bound: extra intra-op threads only spin (309 s -> 18 s)
-    backend = get_backend(cfg.teacher, device=device, tiny=cfg.tiny,  # the base model does not depend on --seed
+    # toy2d and the DiT accept the LoRA options and ignore them (they train every weight); the DiT honours
+    # gradient checkpointing. The base model does not depend on --seed.
+    backend = get_backend(cfg.teacher, device=device, tiny=cfg.tiny, lora_rank=cfg.lora_rank,
+                          full_finetune=cfg.full_finetune, gradient_checkpointing=cfg.gradient_checkpointing,
                           **({"pretrained": cfg.pretrained} if cfg.pretrained else {}),
-                          **base_dtype(cfg.precision, cfg.teacher))  # bf16 for a frozen LoRA base only (DiT: fp32)
+                          **base_dtype(cfg.precision, cfg.teacher, cfg.full_finetune))  # bf16: frozen LoRA base only
     reward = build_reward(cfg.reward, tiny=cfg.tiny, device=device, dataset=getattr(backend, "dataset", None)
                           and backend.dataset.name).to(device)
     M = len(reward.names)
@@ -322,8 +331,8 @@ def main(cfg: Config) -> dict:
     params = backend.trainable_parameters(net)
     if not params:
         raise ConfigError(f"backend {cfg.teacher} exposes no trainable parameters")
-    if cfg.beta_kl > 0 and type(backend).reference is Backend.reference:
-        backend.keep_reference(net)  # full fine-tuning: freeze a copy of the base policy as the reference
+    if cfg.beta_kl > 0 and not (hasattr(backend, "has_lora") and backend.has_lora(net)):
+        backend.keep_reference(net)  # full fine-tuning (diffusers --full-finetune too): a frozen copy of the base
     opt_ = make_optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.eval_only:
         return eval_only(cfg, backend, net, reward, device)

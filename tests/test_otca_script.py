@@ -147,3 +147,31 @@ def test_other_scripts_refuse_an_otca_checkpoint_in_one_line(tmp_path, capsys):
                 mod.main(parse_config(mod.Config, argv=argv, presets=mod.PRESETS))
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and err[-1].startswith("error: ") and "checkpoint of otca.py" in err[-1], err
+
+
+def test_lora_and_full_finetune_flags_reach_the_backend(tmp_path, monkeypatch):
+    """--lora-rank, --gradient-checkpointing and --full-finetune reach the backend: tiny FLUX trains a rank-4
+    adapter; with --full-finetune every transformer weight, kept float32 under --precision bf16 (base_dtype), and a
+    KL whose reference is then a frozen copy of the base (no adapter to disable)."""
+    from common.runs import load_checkpoint
+    from common.train import trained_tensors
+    seen, real = [], otca.get_backend
+    monkeypatch.setattr(otca, "get_backend", lambda name, **o: seen.append(o) or real(name, **o))
+    flags = ["--teacher", "flux", "--tiny", "--steps", "1", "--reward", "hps,clip", "--nfe", "3", "--group-size", "2",
+             "--prompts-per-step", "1", "--eval-samples", "0", "--save-every", "1"]
+    _run(tmp_path / "lora", *flags, "--precision", "fp32", "--lora-rank", "4", "--gradient-checkpointing")
+    net = load_checkpoint(str(tmp_path / "lora" / "run"))["state"]["net"]
+    assert len(net) == 22 and {min(v.shape) for v in net.values()} == {4}   # lora_A (4, in), lora_B (out, 4)
+    assert seen[-1]["gradient_checkpointing"] is True
+    _, rows = _run(tmp_path / "full", *flags, "--precision", "bf16", "--full-finetune", "--beta-kl", "0.1")
+    net = load_checkpoint(str(tmp_path / "full" / "run"))["state"]["net"]
+    full = trained_tensors(real("flux", tiny=True, device="cpu", full_finetune=True).network)
+    assert net.keys() == full.keys() and all(v.dtype == torch.float32 for v in net.values())
+    assert rows[0]["kl"] >= 0
+
+
+@pytest.mark.parametrize("teacher", ["flux", "wan", "flux2", "sd3"])
+def test_lora_presets_use_the_lora_learning_rate(teacher):
+    """The diffusers presets train a LoRA: lr 3e-4 (otca.md 5.1: 1e-5 is the full fine-tuning value)."""
+    cfg = parse_config(otca.Config, argv=["--teacher", teacher], presets=otca.PRESETS, checks=[otca.checks])
+    assert cfg.lr == 3e-4 and not cfg.full_finetune and cfg.lora_rank == 32
