@@ -32,7 +32,7 @@ Baselines and ablations are flags (shared/spec/decisions.md, OTCA):
   --credit tcd_batch                          ablation: the batch-mean TCD profile (no action-dependent credit)
   --objectives sum                            DanceGRPO: the weighted sum of per-objective clipped losses
   --objectives combined                       Flow-GRPO: one z-score of the weighted sum of the raw rewards
-  --credit-source x0 | --credit-norm sum_one | --sde flow_grpo | --beta-kl 0.04 | --train-fraction 0.6
+  --credit-source x0 | --credit-norm sum_one | --sde flow_grpo | --beta-kl 0.004 | --train-fraction 0.6
   --prior reward                              the --reward weights as the prior (default uniform)
 
 What it simplifies, and why:
@@ -118,7 +118,8 @@ class Config(RunConfig):
     train_fraction: float = opt(1.0, "fraction of the K-1 non-final steps trained; < 1: a random subset per sample",
                                 min=0, max=1)
     clip: float = opt(1e-4, "PPO clip range", min=0)
-    beta_kl: float = opt(0.0, "weight of the same-covariance Gaussian KL to the reference (base) policy", min=0)
+    beta_kl: float = opt(0.0, "weight of the exact same-covariance Gaussian KL to the reference (base) policy (no "
+                         "dt factor: Flow-GRPO's beta 0.04 corresponds to about 0.004, anchors.md c.5)", min=0)
     inner_epochs: int = opt(1, "passes over each rollout batch", min=1)
     minibatches: int = opt(1, "optimizer steps per pass (the batch is split by groups)", min=1)
     lr: float = opt(3e-4, "AdamW learning rate")
@@ -147,7 +148,9 @@ PRESETS = {
     "wan": {"nfe": 12, "shift": 3.0, "group_size": 12, "prompts_per_step": 1, "lr": 3e-4, "precision": "bf16",
             "reward": "temporal_consistency,text_alignment", "train_fraction": 0.6, "eval_samples": 16,
             "micro_batch": 2, "clip": 1e-3},
-    "sd3": {"nfe": 10, "sde": "flow_grpo", "group_size": 24, "prompts_per_step": 1, "lr": 3e-4, "beta_kl": 0.04,
+    # beta_kl 0.004, anchors.md c.5's value with the step size kept: the KL here is the exact Gaussian KL (no dt),
+    # while Flow-GRPO's 0.04 weights Delta_t times it (0.04 Delta_t = 0.0014..0.0071 over this grid's 9 trained steps)
+    "sd3": {"nfe": 10, "sde": "flow_grpo", "group_size": 24, "prompts_per_step": 1, "lr": 3e-4, "beta_kl": 0.004,
             "precision": "bf16", "reward": "pickscore,clip", "eval_samples": 64, "micro_batch": 8},
     "flux2": {"nfe": 16, "group_size": 12, "prompts_per_step": 1, "lr": 3e-4, "precision": "bf16",
               "reward": "hps,clip", "train_fraction": 0.6, "eval_samples": 64, "micro_batch": 4},
@@ -478,6 +481,7 @@ def main(cfg: Config) -> dict:
                                     v_ref = backend.velocity(ref, x_r, s_r, c_r)
                                     _, mean_ref, _ = sde_step(x_r, v_ref, s_r, sn_r, cfg.sde, eta,
                                                               noise=torch.zeros_like(v_ref), sigma_max=sigma_max)
+                                # the exact KL ||dmu||^2 / (2 g^2 Delta), no dt: beta about Flow-GRPO's / 10 (PRESETS)
                                 kl = gaussian_kl_same_std(mean_r, mean_ref, std_r)                # (rows trained,)
                                 kl = torch.zeros_like(m_t, dtype=kl.dtype).index_copy(0, ri, kl) if part else kl
                                 loss_i = loss_i + cfg.beta_kl * kl

@@ -175,3 +175,20 @@ def test_lora_presets_use_the_lora_learning_rate(teacher):
     """The diffusers presets train a LoRA: lr 3e-4 (otca.md 5.1: 1e-5 is the full fine-tuning value)."""
     cfg = parse_config(otca.Config, argv=["--teacher", teacher], presets=otca.PRESETS, checks=[otca.checks])
     assert cfg.lr == 3e-4 and not cfg.full_finetune and cfg.lora_rank == 32
+
+
+def test_sd3_kl_weight_is_on_the_exact_kl_scale():
+    """otca.py adds the exact Gaussian KL (common.rl.gaussian_kl_same_std without dt); Flow-GRPO's KL, for which its
+    beta 0.04 was tuned, is Delta_t times it (anchors.md c.5). The sd3 preset's beta must be on the exact KL's scale:
+    within a factor 1.5 of 0.04 times the mean step size of the trained steps (K = 10, shift 3: 0.0033), not 0.04
+    (5.6 to 28 times Flow-GRPO's weight per step)."""
+    from common.backends.sd3 import SD3Backend
+    from common.flow import make_sigmas
+    from common.rl import gaussian_kl_same_std
+    cfg = parse_config(otca.Config, argv=["--teacher", "sd3"], presets=otca.PRESETS, checks=[otca.checks])
+    sig = make_sigmas(cfg.nfe, shift=cfg.shift or SD3Backend.default_shift)
+    delta = (sig[:-1] - sig[1:])[:cfg.nfe - 1]                     # the trained steps: all but the last
+    mu_p, mu_q, std = torch.randn(cfg.nfe - 1, 16), torch.randn(cfg.nfe - 1, 16), 0.3
+    exact, flow_grpo = gaussian_kl_same_std(mu_p, mu_q, std), gaussian_kl_same_std(mu_p, mu_q, std, dt=delta)
+    assert torch.allclose(flow_grpo, delta * exact)
+    assert 1 / 1.5 < cfg.beta_kl / (0.04 * float(delta.mean())) < 1.5
