@@ -129,7 +129,8 @@ class Config(RunConfig):
     eval_samples: int = opt(1024, "held-out samples per evaluation (split over the eval prompts)", min=0)
     eval_every: int = opt(0, "evaluate every N steps (0 = only before and after)", min=0)
     debug: bool = opt(False, "assert the importance ratio is exactly 1 on the first inner step")
-    eval_only: bool = opt(False, "no training: evaluate --ckpt (a run directory or checkpoint file) at --eval-nfe")
+    eval_only: bool = opt(False, "no training: evaluate --ckpt (a run directory or checkpoint file; its model, "
+                          "shift and seed, this command's reward and eval flags) at --eval-nfe")
     ckpt: str = opt("", "with --eval-only: the trained run to evaluate ('' = the base model)")
     eval_nfe: list[int] = opt([3, 5, 8, 50], "with --eval-only: Euler step counts to evaluate")
 
@@ -288,15 +289,14 @@ def evaluate(backend, net, reward, held, sigmas, micro_batch, precision, device,
     return out
 
 
-def eval_only(cfg: Config, backend, net, reward, device) -> dict:
-    """--eval-only: held-out rewards of the base model and of --ckpt at every --eval-nfe; eval.md/json in the run
-    directory (--ckpt's, or --out). Returns {"rows": [...]}."""
+def eval_only(cfg: Config, backend, net, reward, device, ckpt: dict | None) -> dict:
+    """--eval-only: held-out rewards of the base model and of --ckpt (loaded by main) at every --eval-nfe;
+    eval.md/json in the run directory (--ckpt's, or --out). Returns {"rows": [...]}."""
     n_per = max(1, cfg.eval_samples // len(backend.prompts("eval")))
     held = held_out(backend, n_per_prompt=n_per, seed=10_000 + cfg.seed)  # the same set training evaluates on
     named = trained_tensors(net)       # with LoRA the adapter only: the frozen base is never copied
     models = {"base": {k: p.detach().clone() for k, p in named.items()}}
-    if cfg.ckpt:
-        ckpt = load_checkpoint(cfg.ckpt, map_location=device, method="otca", needs=("net",))
+    if ckpt is not None:
         models["otca"] = ckpt["state"]["net"]
     rows = []
     for name, weights in models.items():
@@ -314,6 +314,12 @@ def eval_only(cfg: Config, backend, net, reward, device) -> dict:
 
 def main(cfg: Config) -> dict:
     rank, world, device = dist.init_distributed(cfg.device)
+    ckpt = load_checkpoint(cfg.ckpt, map_location=device, method="otca", needs=("net",)) \
+        if cfg.eval_only and cfg.ckpt else None
+    if ckpt is not None:  # as rats.py: the model, its sigma grid (shift) and its held-out set (seed) come from the
+        # run, the reward and the eval flags from this command (sde and noise level do not matter: Euler sampling)
+        for k in ("teacher", "tiny", "pretrained", "lora_rank", "full_finetune", "shift", "seed"):
+            setattr(cfg, k, ckpt["config"].get(k, getattr(cfg, k)))
     seed_everything(cfg.seed + rank)
     if device.type == "cpu":
         torch.set_num_threads(1)   # small networks are latency-bound: extra intra-op threads only spin (309 s -> 18 s)
@@ -338,7 +344,7 @@ def main(cfg: Config) -> dict:
         backend.keep_reference(net)  # full fine-tuning (diffusers --full-finetune too): a frozen copy of the base
     opt_ = make_optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.eval_only:
-        return eval_only(cfg, backend, net, reward, device)
+        return eval_only(cfg, backend, net, reward, device, ckpt)
     run = Run(cfg, "otca", device=device, show=["reward", "clip_frac", "loss"])
     train_prompts = load_prompts(cfg.prompts) if cfg.prompts not in ("", "builtin") else backend.prompts("train")
     eval_prompts = backend.prompts("eval")

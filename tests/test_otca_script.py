@@ -192,3 +192,17 @@ def test_sd3_kl_weight_is_on_the_exact_kl_scale():
     exact, flow_grpo = gaussian_kl_same_std(mu_p, mu_q, std), gaussian_kl_same_std(mu_p, mu_q, std, dt=delta)
     assert torch.allclose(flow_grpo, delta * exact)
     assert 1 / 1.5 < cfg.beta_kl / (0.04 * float(delta.mean())) < 1.5
+
+
+def test_eval_only_takes_the_model_and_grid_from_the_checkpoint(tmp_path):
+    """--eval-only --ckpt at the trained nfe reproduces the training summary's final rewards exactly, with a non-default
+    --shift and --seed given only at training: the schedule's shift and the held-out set's seed come from the run's
+    config (the command's defaults had given another sigma grid and other held-out noise)."""
+    summary, _ = _run(tmp_path, "--steps", "2", "--nfe", "6", "--shift", "3", "--seed", "1", "--eval-samples", "64",
+                      "--prompts-per-step", "2")
+    ev = otca.main(parse_config(otca.Config, argv=["--eval-only", "--ckpt", str(tmp_path / "run"), "--eval-nfe", "6",
+                                                   "--eval-samples", "64", "--device", "cpu"],
+                                presets=otca.PRESETS, checks=[otca.checks]))
+    base, trained = ev["rows"]
+    assert {k: trained[k] for k in summary["rewards"]} == summary["rewards"]
+    assert {k: base[k] for k in summary["rewards_init"]} == summary["rewards_init"]
