@@ -427,7 +427,7 @@ def main(cfg: Config) -> dict:
             if cfg.credit in ("tcd", "tcd_batch"):
                 omega = tcd_credit(states, trained, x0=x0s, source=cfg.credit_source, eps_w=cfg.eps_w,
                                    norm=cfg.credit_norm)                                  # (B, K)
-                omega = batch_mean_credit(omega, trained) if cfg.credit == "tcd_batch" else omega
+                omega = batch_mean_credit(omega, trained, cfg.credit_norm) if cfg.credit == "tcd_batch" else omega
             else:
                 omega = uniform_credit(trained, cfg.credit_norm)
             adv = step_advantages(fused, omega)                                           # (B, K)

@@ -53,16 +53,21 @@ def test_toy_two_steps_debug_ratio_is_one(tmp_path):
 
 def test_toy_variants_run_and_uniform_ratio(tmp_path):
     """Every baseline path runs: plain GRPO (uniform + static), DanceGRPO's clip-then-sum with KL and the x0 source,
-    the flow_grpo SDE with sum-to-one credit."""
+    the flow_grpo SDE with sum-to-one credit, per sample (tcd) and as the batch profile (tcd_batch)."""
     s, rows = _run(tmp_path / "a", "--steps", "1", "--eval-samples", "0", "--credit", "uniform", "--objectives",
                    "static", "--nfe", "4", "--prompts-per-step", "2", "--debug")
     assert rows[0]["credit"][:3] == [1.0, 1.0, 1.0] and s["rewards"] == {}
     _, rows = _run(tmp_path / "b", "--steps", "2", "--eval-samples", "0", "--objectives", "sum", "--beta-kl", "0.1",
                    "--credit-source", "x0", "--nfe", "4", "--prompts-per-step", "2", "--inner-epochs", "2")
     assert rows[1]["kl"] >= 0
-    _, rows = _run(tmp_path / "c", "--steps", "1", "--eval-samples", "0", "--sde", "flow_grpo", "--credit-norm",
-                   "sum_one", "--nfe", "4", "--prompts-per-step", "2", "--objectives", "combined", "--same-noise")
-    assert abs(sum(rows[0]["credit"]) - 1) < 0.5  # sum-one over all K steps (the last one is reported too)
+    sum_one = ["--steps", "1", "--eval-samples", "0", "--sde", "flow_grpo", "--credit-norm", "sum_one", "--nfe", "4",
+               "--prompts-per-step", "2", "--objectives", "combined", "--same-noise"]
+    _, rc = _run(tmp_path / "c", *sum_one)
+    _, rd = _run(tmp_path / "d", *sum_one, "--credit", "tcd_batch")
+    # each row sums to one over all K steps, so the trained steps (all but the last, logged 0) hold at most one (mean
+    # one would give about K - 1); tcd_batch's rows are the batch mean of tcd's rows: the same logged step means
+    assert rc[0]["credit"][-1] == 0 and 0 < sum(rc[0]["credit"]) <= 1 + 1e-6
+    assert rd[0]["credit"] == pytest.approx(rc[0]["credit"], abs=1e-6)
 
 
 @pytest.mark.parametrize("flags", [["--nfe", "1"], ["--minibatches", "9"], ["--sde", "cps"], ["--rho", "2"],
