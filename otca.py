@@ -146,9 +146,10 @@ PRESETS = {
             "eval_samples": 64, "clip": 1e-3, "reuse_rollout_graph": True},
     "flux": {"nfe": 16, "shift": 3.0, "group_size": 12, "prompts_per_step": 1, "lr": 3e-4, "precision": "bf16",
              "reward": "hps,clip", "train_fraction": 0.6, "eval_samples": 64, "micro_batch": 4},
+    # clip: the default 1e-4 (decisions.md; DanceGRPO's Wan, otca.md 1.10), not Flow-GRPO's Wan 1e-3 (anchors.md c.5)
     "wan": {"nfe": 12, "shift": 3.0, "group_size": 12, "prompts_per_step": 1, "lr": 3e-4, "precision": "bf16",
             "reward": "temporal_consistency,text_alignment", "train_fraction": 0.6, "eval_samples": 16,
-            "micro_batch": 2, "clip": 1e-3},
+            "micro_batch": 2},
     # beta_kl 0.004, anchors.md c.5's value with the step size kept: the KL here is the exact Gaussian KL (no dt),
     # while Flow-GRPO's 0.04 weights Delta_t times it (0.04 Delta_t = 0.0014..0.0071 over this grid's 9 trained steps)
     "sd3": {"nfe": 10, "sde": "flow_grpo", "group_size": 24, "prompts_per_step": 1, "lr": 3e-4, "beta_kl": 0.004,

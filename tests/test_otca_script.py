@@ -176,10 +176,11 @@ def test_lora_and_full_finetune_flags_reach_the_backend(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("teacher", ["flux", "wan", "flux2", "sd3"])
-def test_lora_presets_use_the_lora_learning_rate(teacher):
-    """The diffusers presets train a LoRA: lr 3e-4 (otca.md 5.1: 1e-5 is the full fine-tuning value)."""
+def test_diffusers_presets_lr_and_clip(teacher):
+    """The diffusers presets train a LoRA: lr 3e-4 (otca.md 5.1: 1e-5 is the full fine-tuning value); clip 1e-4."""
     cfg = parse_config(otca.Config, argv=["--teacher", teacher], presets=otca.PRESETS, checks=[otca.checks])
     assert cfg.lr == 3e-4 and not cfg.full_finetune and cfg.lora_rank == 32
+    assert cfg.clip == 1e-4        # decisions.md and otca.md 1.10 (the wan preset had 1e-3, no reason recorded)
 
 
 def test_sd3_kl_weight_is_on_the_exact_kl_scale():
