@@ -32,15 +32,16 @@ Baselines and ablations are flags (shared/spec/decisions.md, OTCA):
   --credit tcd_batch                          ablation: the batch-mean TCD profile (no action-dependent credit)
   --objectives sum                            DanceGRPO: the weighted sum of per-objective clipped losses
   --objectives combined                       Flow-GRPO: one z-score of the weighted sum of the raw rewards
-  --credit-source x0 | --credit-norm sum_one | --sde flow_grpo | --beta-kl 0.04 | --train-fraction 0.6
+  --credit-source x0 | --credit-norm sum_one | --sde flow_grpo | --beta-kl 0.004 | --train-fraction 0.6
   --prior reward                              the --reward weights as the prior (default uniform)
 
 What it simplifies, and why:
   * The paper's method section could not be read (shared/spec/otca.md section 0); TCD's and MOCA's constants and
     normalisations are the reconstructions of that spec (eps_w = 1e-3, rho = 0.2, uniform prior, mean-one credit).
   * The credit and the objective weights are computed once per rollout from the behaviour policy (no gradient).
-  * Trains backend.trainable_parameters (LoRA on the diffusers families, every weight on toy2d and the DiT). Data
-    parallel by averaging gradients over ranks once per optimizer step (no DDP wrapper, no FSDP here). No EMA.
+  * Trains backend.trainable_parameters (LoRA on the diffusers families, or every weight with --full-finetune;
+    every weight on toy2d and the DiT). Data parallel by averaging gradients over ranks once per optimizer step
+    (no DDP wrapper, no FSDP here). No EMA.
   * Guidance is the backend's default everywhere (rollouts, recomputation, evaluation): CFG 2 on the DiT, FLUX.1's
     embedded guidance; there is no separate unguided training policy.
   * Evaluation: deterministic Euler sampling of the held-out prompts from fixed held-out noise, before and after.
@@ -60,7 +61,7 @@ from typing import Literal
 import torch
 
 from common import dist
-from common.backend import Backend, get_backend
+from common.backend import get_backend
 from common.config import ConfigError, RunConfig, opt, parse_config, user_errors
 from common.credit import (batch_mean_credit, fused_clipped_loss, moca_fuse, objective_advantages,
                            per_objective_clipped_loss, step_advantages, tcd_credit, uniform_credit)
@@ -86,6 +87,9 @@ class Config(RunConfig):
     pretrained: str = opt("", "hub id or local directory of the base model ('' = the backend's default)")
     reward: str = opt("toy_otca", "reward spec: name[:weight],... (M objectives = the reward's columns)")
     prompts: str = opt("", "prompt file (.txt/.json/.jsonl/.csv; '' or builtin = the backend's train list)")
+    lora_rank: int = opt(32, "LoRA rank for the diffusers backends", min=0)
+    full_finetune: bool = opt(False, "diffusers backends: train all weights instead of LoRA")
+    gradient_checkpointing: bool = opt(False, "gradient checkpointing on the transformer blocks")
     # --- rollouts
     nfe: int = opt(10, "sampler steps K of a rollout")
     shift: float | None = opt(None, "schedule shift (none = the backend's default)")
@@ -114,7 +118,8 @@ class Config(RunConfig):
     train_fraction: float = opt(1.0, "fraction of the K-1 non-final steps trained; < 1: a random subset per sample",
                                 min=0, max=1)
     clip: float = opt(1e-4, "PPO clip range", min=0)
-    beta_kl: float = opt(0.0, "weight of the same-covariance Gaussian KL to the reference (base) policy", min=0)
+    beta_kl: float = opt(0.0, "weight of the exact same-covariance Gaussian KL to the reference (base) policy (no "
+                         "dt factor: Flow-GRPO's beta 0.04 corresponds to about 0.004, anchors.md c.5)", min=0)
     inner_epochs: int = opt(1, "passes over each rollout batch", min=1)
     minibatches: int = opt(1, "optimizer steps per pass (the batch is split by groups)", min=1)
     lr: float = opt(3e-4, "AdamW learning rate")
@@ -124,26 +129,32 @@ class Config(RunConfig):
     eval_samples: int = opt(1024, "held-out samples per evaluation (split over the eval prompts)", min=0)
     eval_every: int = opt(0, "evaluate every N steps (0 = only before and after)", min=0)
     debug: bool = opt(False, "assert the importance ratio is exactly 1 on the first inner step")
-    eval_only: bool = opt(False, "no training: evaluate --ckpt (a run directory or checkpoint file) at --eval-nfe")
+    eval_only: bool = opt(False, "no training: evaluate --ckpt (a run directory or checkpoint file; its model, "
+                          "shift and seed, this command's reward and eval flags) at --eval-nfe")
     ckpt: str = opt("", "with --eval-only: the trained run to evaluate ('' = the base model)")
     eval_nfe: list[int] = opt([3, 5, 8, 50], "with --eval-only: Euler step counts to evaluate")
 
 
 # reuse_rollout_graph only where the graphs of all K - 1 steps of a rollout batch fit in memory (the toy and the
 # small DiT); the diffusers backends recompute one step and chunk at a time, which bounds the activations.
+# The diffusers presets train a LoRA (r 32): lr 3e-4, the LoRA value of otca.md 5.1 and Flow-GRPO (1.10); DanceGRPO's
+# 1e-5 is for full fine-tuning, so pass --lr 1e-5 with --full-finetune.
 PRESETS = {
     "toy2d": {"steps": 200, "nfe": 10, "group_size": 8, "prompts_per_step": 8, "lr": 3e-4, "clip": 1e-3,
               "eval_samples": 2048, "reuse_rollout_graph": True},
     "dit": {"steps": 40, "nfe": 8, "group_size": 6, "prompts_per_step": 4, "lr": 1e-4, "reward": "dit_color,dit_size",
             "eval_samples": 64, "clip": 1e-3, "reuse_rollout_graph": True},
-    "flux": {"nfe": 16, "shift": 3.0, "group_size": 12, "prompts_per_step": 1, "lr": 1e-5, "precision": "bf16",
+    "flux": {"nfe": 16, "shift": 3.0, "group_size": 12, "prompts_per_step": 1, "lr": 3e-4, "precision": "bf16",
              "reward": "hps,clip", "train_fraction": 0.6, "eval_samples": 64, "micro_batch": 4},
-    "wan": {"nfe": 12, "shift": 3.0, "group_size": 12, "prompts_per_step": 1, "lr": 1e-5, "precision": "bf16",
+    # clip: the default 1e-4 (decisions.md; DanceGRPO's Wan, otca.md 1.10), not Flow-GRPO's Wan 1e-3 (anchors.md c.5)
+    "wan": {"nfe": 12, "shift": 3.0, "group_size": 12, "prompts_per_step": 1, "lr": 3e-4, "precision": "bf16",
             "reward": "temporal_consistency,text_alignment", "train_fraction": 0.6, "eval_samples": 16,
-            "micro_batch": 2, "clip": 1e-3},
-    "sd3": {"nfe": 10, "sde": "flow_grpo", "group_size": 24, "prompts_per_step": 1, "lr": 3e-4, "beta_kl": 0.04,
+            "micro_batch": 2},
+    # beta_kl 0.004, anchors.md c.5's value with the step size kept: the KL here is the exact Gaussian KL (no dt),
+    # while Flow-GRPO's 0.04 weights Delta_t times it (0.04 Delta_t = 0.0014..0.0071 over this grid's 9 trained steps)
+    "sd3": {"nfe": 10, "sde": "flow_grpo", "group_size": 24, "prompts_per_step": 1, "lr": 3e-4, "beta_kl": 0.004,
             "precision": "bf16", "reward": "pickscore,clip", "eval_samples": 64, "micro_batch": 8},
-    "flux2": {"nfe": 16, "group_size": 12, "prompts_per_step": 1, "lr": 1e-5, "precision": "bf16",
+    "flux2": {"nfe": 16, "group_size": 12, "prompts_per_step": 1, "lr": 3e-4, "precision": "bf16",
               "reward": "hps,clip", "train_fraction": 0.6, "eval_samples": 64, "micro_batch": 4},
 }
 
@@ -279,15 +290,14 @@ def evaluate(backend, net, reward, held, sigmas, micro_batch, precision, device,
     return out
 
 
-def eval_only(cfg: Config, backend, net, reward, device) -> dict:
-    """--eval-only: held-out rewards of the base model and of --ckpt at every --eval-nfe; eval.md/json in the run
-    directory (--ckpt's, or --out). Returns {"rows": [...]}."""
+def eval_only(cfg: Config, backend, net, reward, device, ckpt: dict | None) -> dict:
+    """--eval-only: held-out rewards of the base model and of --ckpt (loaded by main) at every --eval-nfe;
+    eval.md/json in the run directory (--ckpt's, or --out). Returns {"rows": [...]}."""
     n_per = max(1, cfg.eval_samples // len(backend.prompts("eval")))
     held = held_out(backend, n_per_prompt=n_per, seed=10_000 + cfg.seed)  # the same set training evaluates on
     named = trained_tensors(net)       # with LoRA the adapter only: the frozen base is never copied
     models = {"base": {k: p.detach().clone() for k, p in named.items()}}
-    if cfg.ckpt:
-        ckpt = load_checkpoint(cfg.ckpt, map_location=device, method="otca", needs=("net",))
+    if ckpt is not None:
         models["otca"] = ckpt["state"]["net"]
     rows = []
     for name, weights in models.items():
@@ -305,12 +315,21 @@ def eval_only(cfg: Config, backend, net, reward, device) -> dict:
 
 def main(cfg: Config) -> dict:
     rank, world, device = dist.init_distributed(cfg.device)
+    ckpt = load_checkpoint(cfg.ckpt, map_location=device, method="otca", needs=("net",)) \
+        if cfg.eval_only and cfg.ckpt else None
+    if ckpt is not None:  # as rats.py: the model, its sigma grid (shift) and its held-out set (seed) come from the
+        # run, the reward and the eval flags from this command (sde and noise level do not matter: Euler sampling)
+        for k in ("teacher", "tiny", "pretrained", "lora_rank", "full_finetune", "shift", "seed"):
+            setattr(cfg, k, ckpt["config"].get(k, getattr(cfg, k)))
     seed_everything(cfg.seed + rank)
     if device.type == "cpu":
         torch.set_num_threads(1)   # small networks are latency-bound: extra intra-op threads only spin (309 s -> 18 s)
-    backend = get_backend(cfg.teacher, device=device, tiny=cfg.tiny,  # the base model does not depend on --seed
+    # toy2d and the DiT accept the LoRA options and ignore them (they train every weight); the DiT honours
+    # gradient checkpointing. The base model does not depend on --seed.
+    backend = get_backend(cfg.teacher, device=device, tiny=cfg.tiny, lora_rank=cfg.lora_rank,
+                          full_finetune=cfg.full_finetune, gradient_checkpointing=cfg.gradient_checkpointing,
                           **({"pretrained": cfg.pretrained} if cfg.pretrained else {}),
-                          **base_dtype(cfg.precision, cfg.teacher))  # bf16 for a frozen LoRA base only (DiT: fp32)
+                          **base_dtype(cfg.precision, cfg.teacher, cfg.full_finetune))  # bf16: frozen LoRA base only
     reward = build_reward(cfg.reward, tiny=cfg.tiny, device=device, dataset=getattr(backend, "dataset", None)
                           and backend.dataset.name).to(device)
     M = len(reward.names)
@@ -322,11 +341,11 @@ def main(cfg: Config) -> dict:
     params = backend.trainable_parameters(net)
     if not params:
         raise ConfigError(f"backend {cfg.teacher} exposes no trainable parameters")
-    if cfg.beta_kl > 0 and type(backend).reference is Backend.reference:
-        backend.keep_reference(net)  # full fine-tuning: freeze a copy of the base policy as the reference
+    if cfg.beta_kl > 0 and not (hasattr(backend, "has_lora") and backend.has_lora(net)):
+        backend.keep_reference(net)  # full fine-tuning (diffusers --full-finetune too): a frozen copy of the base
     opt_ = make_optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.eval_only:
-        return eval_only(cfg, backend, net, reward, device)
+        return eval_only(cfg, backend, net, reward, device, ckpt)
     run = Run(cfg, "otca", device=device, show=["reward", "clip_frac", "loss"])
     train_prompts = load_prompts(cfg.prompts) if cfg.prompts not in ("", "builtin") else backend.prompts("train")
     eval_prompts = backend.prompts("eval")
@@ -409,7 +428,7 @@ def main(cfg: Config) -> dict:
             if cfg.credit in ("tcd", "tcd_batch"):
                 omega = tcd_credit(states, trained, x0=x0s, source=cfg.credit_source, eps_w=cfg.eps_w,
                                    norm=cfg.credit_norm)                                  # (B, K)
-                omega = batch_mean_credit(omega, trained) if cfg.credit == "tcd_batch" else omega
+                omega = batch_mean_credit(omega, trained, cfg.credit_norm) if cfg.credit == "tcd_batch" else omega
             else:
                 omega = uniform_credit(trained, cfg.credit_norm)
             adv = step_advantages(fused, omega)                                           # (B, K)
@@ -469,6 +488,7 @@ def main(cfg: Config) -> dict:
                                     v_ref = backend.velocity(ref, x_r, s_r, c_r)
                                     _, mean_ref, _ = sde_step(x_r, v_ref, s_r, sn_r, cfg.sde, eta,
                                                               noise=torch.zeros_like(v_ref), sigma_max=sigma_max)
+                                # the exact KL ||dmu||^2 / (2 g^2 Delta), no dt: beta about Flow-GRPO's / 10 (PRESETS)
                                 kl = gaussian_kl_same_std(mean_r, mean_ref, std_r)                # (rows trained,)
                                 kl = torch.zeros_like(m_t, dtype=kl.dtype).index_copy(0, ri, kl) if part else kl
                                 loss_i = loss_i + cfg.beta_kl * kl

@@ -86,11 +86,17 @@ def step_credit(s: torch.Tensor, trained: torch.Tensor, eps_w: float = 1e-3, nor
     return torch.where(n > 0, n * w * mask / (w * mask).sum(1, keepdim=True).clamp_min(1e-30), torch.zeros_like(w))
 
 
-def batch_mean_credit(omega: torch.Tensor, trained: torch.Tensor) -> torch.Tensor:
-    """An ablation of TCD: the batch-mean credit profile, the same for every sample, renormalised per sample to
-    mean one over its trained steps. (B, K) -> (B, K). Per-sample TCD weights depend on the sampled actions (a step
-    that happened to move z toward z_K gets more credit), so they re-weight the policy gradient in an action-
-    dependent way; a profile shared by the batch only re-weights the steps, like a learning rate per step."""
+def batch_mean_credit(omega: torch.Tensor, trained: torch.Tensor, norm: str = "mean_one") -> torch.Tensor:
+    """An ablation of TCD: the batch-mean credit profile, the same for every sample, normalised as omega was (norm):
+    'mean_one', per sample to mean one over its trained steps; 'sum_one', the plain mean of the rows, which sum to
+    one over all K steps (step_credit), so that it sums to one too. (B, K) -> (B, K). Per-sample TCD weights depend
+    on the sampled actions (a step that happened to move z toward z_K gets more credit), so they re-weight the
+    policy gradient in an action-dependent way; a profile shared by the batch only re-weights the steps, like a
+    learning rate per step."""
+    if norm not in CREDIT_NORMS:
+        raise ValueError(f"norm must be one of {CREDIT_NORMS}, got {norm!r}")
+    if norm == "sum_one":   # renormalising to mean one here would scale the sum-one credit up by |S_i|
+        return omega.mean(0, keepdim=True).expand_as(omega).contiguous()
     prof = (omega * trained).sum(0, keepdim=True) / trained.sum(0, keepdim=True).clamp_min(1)  # (1, K)
     w = prof.expand_as(omega) * trained
     n = trained.sum(1, keepdim=True)

@@ -288,11 +288,25 @@ def test_uniform_credit_single_objective_is_plain_grpo():
     assert any(g.abs().sum() > 0 for g in g_ref)
 
 
-def test_batch_mean_credit_shared_profile():
-    z = _traj(11, B=4, K=5)
-    trained = torch.ones(4, 5, dtype=torch.bool)
-    trained[:, -1] = False
-    w = batch_mean_credit(tcd_credit(z, trained), trained)
-    assert torch.equal(w, w[:1].expand_as(w))  # one profile for the whole batch
-    torch.testing.assert_close(w[:, :4].mean(1), torch.ones(4))
-    assert (w[:, -1] == 0).all()
+@given(seed=st.integers(0, 10_000), norm=st.sampled_from(["mean_one", "sum_one"]), frac=st.floats(0.2, 1.0))
+def test_batch_mean_credit_shared_profile_keeps_the_norm(seed, norm, frac):
+    """--credit tcd_batch honours --credit-norm: one profile for the batch (equal rows wherever the trained steps are
+    equal), non-negative, each row summing to one over all K steps (sum_one, as tcd_credit) or with mean one over its
+    trained steps and 0 elsewhere (mean_one)."""
+    z = _traj(seed, B=4, K=6)
+    B, K = 4, 6
+    g = torch.Generator().manual_seed(seed + 1)
+    trained = torch.rand(B, K, generator=g) < frac
+    trained[:, 0], trained[:, -1] = True, False                  # the last (deterministic) step is never trained
+    w = batch_mean_credit(tcd_credit(z, trained, norm=norm), trained, norm=norm)
+    assert w.shape == (B, K) and (w >= 0).all()
+    if norm == "sum_one":
+        assert torch.equal(w, w[:1].expand_as(w))
+        torch.testing.assert_close(w.sum(1), torch.ones(B))
+    else:
+        torch.testing.assert_close((w * trained).sum(1) / trained.sum(1), torch.ones(B))
+        assert (w[~trained] == 0).all()
+        full = torch.ones(B, K, dtype=torch.bool)
+        full[:, -1] = False
+        wf = batch_mean_credit(tcd_credit(z, full), full)
+        assert torch.equal(wf, wf[:1].expand_as(wf))

@@ -53,16 +53,21 @@ def test_toy_two_steps_debug_ratio_is_one(tmp_path):
 
 def test_toy_variants_run_and_uniform_ratio(tmp_path):
     """Every baseline path runs: plain GRPO (uniform + static), DanceGRPO's clip-then-sum with KL and the x0 source,
-    the flow_grpo SDE with sum-to-one credit."""
+    the flow_grpo SDE with sum-to-one credit, per sample (tcd) and as the batch profile (tcd_batch)."""
     s, rows = _run(tmp_path / "a", "--steps", "1", "--eval-samples", "0", "--credit", "uniform", "--objectives",
                    "static", "--nfe", "4", "--prompts-per-step", "2", "--debug")
     assert rows[0]["credit"][:3] == [1.0, 1.0, 1.0] and s["rewards"] == {}
     _, rows = _run(tmp_path / "b", "--steps", "2", "--eval-samples", "0", "--objectives", "sum", "--beta-kl", "0.1",
                    "--credit-source", "x0", "--nfe", "4", "--prompts-per-step", "2", "--inner-epochs", "2")
     assert rows[1]["kl"] >= 0
-    _, rows = _run(tmp_path / "c", "--steps", "1", "--eval-samples", "0", "--sde", "flow_grpo", "--credit-norm",
-                   "sum_one", "--nfe", "4", "--prompts-per-step", "2", "--objectives", "combined", "--same-noise")
-    assert abs(sum(rows[0]["credit"]) - 1) < 0.5  # sum-one over all K steps (the last one is reported too)
+    sum_one = ["--steps", "1", "--eval-samples", "0", "--sde", "flow_grpo", "--credit-norm", "sum_one", "--nfe", "4",
+               "--prompts-per-step", "2", "--objectives", "combined", "--same-noise"]
+    _, rc = _run(tmp_path / "c", *sum_one)
+    _, rd = _run(tmp_path / "d", *sum_one, "--credit", "tcd_batch")
+    # each row sums to one over all K steps, so the trained steps (all but the last, logged 0) hold at most one (mean
+    # one would give about K - 1); tcd_batch's rows are the batch mean of tcd's rows: the same logged step means
+    assert rc[0]["credit"][-1] == 0 and 0 < sum(rc[0]["credit"]) <= 1 + 1e-6
+    assert rd[0]["credit"] == pytest.approx(rc[0]["credit"], abs=1e-6)
 
 
 @pytest.mark.parametrize("flags", [["--nfe", "1"], ["--minibatches", "9"], ["--sde", "cps"], ["--rho", "2"],
@@ -147,3 +152,63 @@ def test_other_scripts_refuse_an_otca_checkpoint_in_one_line(tmp_path, capsys):
                 mod.main(parse_config(mod.Config, argv=argv, presets=mod.PRESETS))
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and err[-1].startswith("error: ") and "checkpoint of otca.py" in err[-1], err
+
+
+def test_lora_and_full_finetune_flags_reach_the_backend(tmp_path, monkeypatch):
+    """--lora-rank, --gradient-checkpointing and --full-finetune reach the backend: tiny FLUX trains a rank-4
+    adapter; with --full-finetune every transformer weight, kept float32 under --precision bf16 (base_dtype), and a
+    KL whose reference is then a frozen copy of the base (no adapter to disable)."""
+    from common.runs import load_checkpoint
+    from common.train import trained_tensors
+    seen, real = [], otca.get_backend
+    monkeypatch.setattr(otca, "get_backend", lambda name, **o: seen.append(o) or real(name, **o))
+    flags = ["--teacher", "flux", "--tiny", "--steps", "1", "--reward", "hps,clip", "--nfe", "3", "--group-size", "2",
+             "--prompts-per-step", "1", "--eval-samples", "0", "--save-every", "1"]
+    _run(tmp_path / "lora", *flags, "--precision", "fp32", "--lora-rank", "4", "--gradient-checkpointing")
+    net = load_checkpoint(str(tmp_path / "lora" / "run"))["state"]["net"]
+    assert len(net) == 22 and {min(v.shape) for v in net.values()} == {4}   # lora_A (4, in), lora_B (out, 4)
+    assert seen[-1]["gradient_checkpointing"] is True
+    _, rows = _run(tmp_path / "full", *flags, "--precision", "bf16", "--full-finetune", "--beta-kl", "0.1")
+    net = load_checkpoint(str(tmp_path / "full" / "run"))["state"]["net"]
+    full = trained_tensors(real("flux", tiny=True, device="cpu", full_finetune=True).network)
+    assert net.keys() == full.keys() and all(v.dtype == torch.float32 for v in net.values())
+    assert rows[0]["kl"] >= 0
+
+
+@pytest.mark.parametrize("teacher", ["flux", "wan", "flux2", "sd3"])
+def test_diffusers_presets_lr_and_clip(teacher):
+    """The diffusers presets train a LoRA: lr 3e-4 (otca.md 5.1: 1e-5 is the full fine-tuning value); clip 1e-4."""
+    cfg = parse_config(otca.Config, argv=["--teacher", teacher], presets=otca.PRESETS, checks=[otca.checks])
+    assert cfg.lr == 3e-4 and not cfg.full_finetune and cfg.lora_rank == 32
+    assert cfg.clip == 1e-4        # decisions.md and otca.md 1.10 (the wan preset had 1e-3, no reason recorded)
+
+
+def test_sd3_kl_weight_is_on_the_exact_kl_scale():
+    """otca.py adds the exact Gaussian KL (common.rl.gaussian_kl_same_std without dt); Flow-GRPO's KL, for which its
+    beta 0.04 was tuned, is Delta_t times it (anchors.md c.5). The sd3 preset's beta must be on the exact KL's scale:
+    within a factor 1.5 of 0.04 times the mean step size of the trained steps (K = 10, shift 3: 0.0033), not 0.04
+    (5.6 to 28 times Flow-GRPO's weight per step)."""
+    from common.backends.sd3 import SD3Backend
+    from common.flow import make_sigmas
+    from common.rl import gaussian_kl_same_std
+    cfg = parse_config(otca.Config, argv=["--teacher", "sd3"], presets=otca.PRESETS, checks=[otca.checks])
+    sig = make_sigmas(cfg.nfe, shift=cfg.shift or SD3Backend.default_shift)
+    delta = (sig[:-1] - sig[1:])[:cfg.nfe - 1]                     # the trained steps: all but the last
+    mu_p, mu_q, std = torch.randn(cfg.nfe - 1, 16), torch.randn(cfg.nfe - 1, 16), 0.3
+    exact, flow_grpo = gaussian_kl_same_std(mu_p, mu_q, std), gaussian_kl_same_std(mu_p, mu_q, std, dt=delta)
+    assert torch.allclose(flow_grpo, delta * exact)
+    assert 1 / 1.5 < cfg.beta_kl / (0.04 * float(delta.mean())) < 1.5
+
+
+def test_eval_only_takes_the_model_and_grid_from_the_checkpoint(tmp_path):
+    """--eval-only --ckpt at the trained nfe reproduces the training summary's final rewards exactly, with a non-default
+    --shift and --seed given only at training: the schedule's shift and the held-out set's seed come from the run's
+    config (the command's defaults had given another sigma grid and other held-out noise)."""
+    summary, _ = _run(tmp_path, "--steps", "2", "--nfe", "6", "--shift", "3", "--seed", "1", "--eval-samples", "64",
+                      "--prompts-per-step", "2")
+    ev = otca.main(parse_config(otca.Config, argv=["--eval-only", "--ckpt", str(tmp_path / "run"), "--eval-nfe", "6",
+                                                   "--eval-samples", "64", "--device", "cpu"],
+                                presets=otca.PRESETS, checks=[otca.checks]))
+    base, trained = ev["rows"]
+    assert {k: trained[k] for k in summary["rewards"]} == summary["rewards"]
+    assert {k: base[k] for k in summary["rewards_init"]} == summary["rewards_init"]
