@@ -278,7 +278,7 @@ def evaluate(backend, net, reward, held, sigmas, micro_batch, precision, device,
     """Mean reward per objective (and combined) of deterministic Euler samples of the fixed held-out set
     (common.evaluate.held_out: eval prompts x fixed noise); each rank samples every world-th row: {name: float}."""
     _, cond, noise = held
-    rows = list(range(dist.rank(), noise.shape[0], dist.world_size()))
+    rows = dist.strided_rows(noise.shape[0])
     cond, noise = cond.select(rows), noise[rows]
     with autocast(precision, device):
         lat = sample_final(backend, net, cond, noise, sigmas, batch_size=micro_batch or None)
