@@ -569,23 +569,28 @@ def main(cfg: Config):
             if clipfrac:
                 logs["clipfrac"] = torch.stack(clipfrac).mean()
             if is_toy and (epoch + 1) % max(1, cfg.epochs // 5) == 0:
-                logs.update({f"eval_{k_}": v for k_, v in toy_eval(backend, gen, sigmas, reward, _small(cfg),
-                                                                    tilt, False).items()})
+                with ema.swapped():   # the stage-2 EMA, as stage 1 evaluates its own: the weights gen_ema ships
+                    logs.update({f"eval_{k_}": v for k_, v in toy_eval(backend, gen, sigmas, reward, _small(cfg),
+                                                                        tilt, False).items()})
             run.log(n1 + epoch + 1, **logs)
             if run.due(n1 + epoch + 1):
                 run.save(n1 + epoch + 1, snapshot())
 
     # ================================ final eval and summary ================================
-    if is_toy and run_stage2:
-        ev = toy_eval(backend, gen, sigmas, reward, cfg, tilt, save_dir=run.out if run.main else None)
-        summary.update({f"{k}_stage2": v for k, v in ev.items()})
-        summary["kl_student_tilted"], summary["reward_student"] = ev["kl_hist_tilted"], ev["reward"]
-        summary["kl_student2_teacher"] = ev["kl_hist_teacher"]
-    elif not is_toy:
-        from common.evaluate import held_out, sample_final, score_summary
-        prompts, cond, noise = held_out(backend, n_per_prompt=2, seed=0)
-        lat = sample_final(backend, gen, cond, noise, sigmas, "cps", cfg.eta, 1.0, torch.Generator().manual_seed(0))
-        summary.update({f"student_{k}": v for k, v in score_summary(reward, backend.decode(lat), prompts).items()})
+    # on the EMA weights: the model gen_ema ships (--init, --eval-only, spec 4.5), not the raw stage-2 weights
+    # (after stage 1 alone the generator already holds its EMA: ema.copy_to() above)
+    with ema.swapped():
+        if is_toy and run_stage2:
+            ev = toy_eval(backend, gen, sigmas, reward, cfg, tilt, save_dir=run.out if run.main else None)
+            summary.update({f"{k}_stage2": v for k, v in ev.items()})
+            summary["kl_student_tilted"], summary["reward_student"] = ev["kl_hist_tilted"], ev["reward"]
+            summary["kl_student2_teacher"] = ev["kl_hist_teacher"]
+        elif not is_toy:
+            from common.evaluate import held_out, sample_final, score_summary
+            prompts, cond, noise = held_out(backend, n_per_prompt=2, seed=0)
+            lat = sample_final(backend, gen, cond, noise, sigmas, "cps", cfg.eta, 1.0,
+                               torch.Generator().manual_seed(0))
+            summary.update({f"student_{k}": v for k, v in score_summary(reward, backend.decode(lat), prompts).items()})
     summary["beta"] = cfg.beta if cfg.advantage == "raw" else None
     run.finish(summary, snapshot())
     dist.cleanup()

@@ -40,6 +40,33 @@ def test_toy_both_stages_summary(tmp_path):
     assert [r["nfe"] for r in table] == [50, 2, 2, 4, 4] and "| kl_teacher |" in open(tmp_path / "eval.md").read()
 
 
+def _eval_gen_ema(run_dir, *argv, euler=True):
+    """rtdmd.toy_eval of the run's final checkpoint's gen_ema, loaded into a fresh toy generator."""
+    from common.backend import get_backend
+    from common.rewards import build_reward
+    from common.runs import load_checkpoint
+    from common.train import load_trained, trained_tensors
+    cfg = parse_config(rtdmd.Config, list(argv), presets=rtdmd.PRESETS)
+    backend = get_backend("toy2d", seed=cfg.seed, device=torch.device("cpu"), teacher=cfg.toy_teacher)
+    reward = build_reward(cfg.reward, device=backend.device)
+    load_trained(trained_tensors(backend.network), load_checkpoint(str(run_dir), method="rtdmd")["state"]["gen_ema"],
+                 "gen_ema")
+    return rtdmd.toy_eval(backend, backend.network, backend.sigmas(4), reward, cfg if euler else rtdmd._small(cfg),
+                          backend.target(0).tilt(reward.rewards[0], cfg.beta), euler)
+
+
+def test_stage2_is_evaluated_on_the_ema_that_the_checkpoint_ships(tmp_path):
+    """The summary's stage-2 numbers and the stage-2 in-training evals are those of gen_ema (what --init, --eval-only
+    and inference load); they were of the raw trained weights, a different model."""
+    argv = ["--steps", "4", "--fake-ratio", "2", "--epochs", "5", "--eval-samples", "300", "--groups", "2",
+            "--group-size", "4", "--batch", "16"]
+    s, rows = _run(tmp_path, *argv)
+    ev = _eval_gen_ema(tmp_path, *argv)
+    assert {k: s[f"{k}_stage2"] for k in ev} == ev and s["kl_student_tilted"] == ev["kl_hist_tilted"]
+    last = _eval_gen_ema(tmp_path, *argv, euler=False)     # the eval logged after the last epoch: the same EMA
+    assert rows[-1]["eval_kl_hist_tilted"] == pytest.approx(last["kl_hist_tilted"], rel=1e-6)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sd3", "flux", "flux2"])
 def test_tiny_backends_both_stages(tmp_path, backend):
