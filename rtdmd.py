@@ -517,10 +517,12 @@ def main(cfg: Config):
                 l_amb, l_cons = fake_step(final, torch.zeros(B, device=dev), cond,
                                           (0.02, cfg.raw_t_max) if cfg.advantage == "raw" else None)
             # ---- advantages ----
-            if cfg.advantage == "raw":
+            r_all = dist.all_gather_cat(r)    # (world B, M): every rank's groups (also the logged reward means)
+            if cfg.advantage == "raw":        # group-local (leave-one-out): this rank's groups suffice
                 A = raw_advantages(reward.combine(r), cfg.group_size, cfg.beta)
-            else:
-                A = per_reward_advantages(r, cfg.group_size, reward.weights.to(r.device), cfg.adv_clip)
+            else:   # the global std and re-standardisation over all ranks' samples (spec 3.3), then this rank's rows
+                A = dist.local_rows(per_reward_advantages(r_all, cfg.group_size, reward.weights.to(r.device),
+                                                          cfg.adv_clip), B)
             # ---- loss: policy gradient on S, DMD + back-prop on the deterministic last step ----
             with amp():
                 lps, x0_last, x0 = stage2_terms(vfn, tr, sigmas, S, cfg.eta, chain, logprob, reduce)
@@ -564,7 +566,6 @@ def main(cfg: Config):
             logs = {"stage": 2, "loss": loss.detach(), "pg": pg.detach(), "dmd": torch.as_tensor(l_dm).detach(),
                     "fake_loss": l_amb, "consistency": l_cons, "grad_norm": gn, "subgrpo_steps": S,
                     "adv_mean": A.mean(), "adv_std": A.std(), "adv_absmax": A.abs().max()}
-            r_all = dist.all_gather_cat(r)    # (world B, M): the logged means are over every rank's samples
             logs.update({f"reward_{n}": r_all[:, i].mean() for i, n in enumerate(reward.names)})
             if clipfrac:
                 logs["clipfrac"] = torch.stack(clipfrac).mean()
