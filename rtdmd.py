@@ -423,11 +423,14 @@ def main(cfg: Config):
         summary["reward_teacher"] = backend.target(0).expected_reward(reward.rewards[0])
         summary["reward_tilted"], summary["log_z"] = tilt[0].expected_reward(reward.rewards[0]), tilt[1]
     # checkpoints hold the trained tensors only (with LoRA: the adapters, not the frozen base) and the script's
-    # own random streams (run.resume restores the global ones): a resumed run continues exactly
+    # own random streams (run.resume restores the global ones): a resumed run continues exactly. eval_stage1: the
+    # toy's stage-1 evaluation, which a run resumed inside stage 2 cannot redo (its generator has moved on)
+    ev1 = None
     snapshot = lambda: {"gen": detached(models.gen_named), "fake": detached(models.fake_named),
                         "ema": ema.state_dict(), "gen_ema": _ema_state(models.gen_named, ema),
                         "opt_gen": opt_gen.state_dict(), "opt_fake": opt_fake.state_dict(),
-                        "streams": dist.gather_objects({"prompts": rng.getstate(), "noise": gcpu.get_state()})}
+                        "streams": dist.gather_objects({"prompts": rng.getstate(), "noise": gcpu.get_state()}),
+                        "eval_stage1": ev1}
     state = run.resume(needs=("gen", "fake"))
     resumed_at = run.step
     if state:
@@ -481,10 +484,11 @@ def main(cfg: Config):
                 run.save(step + 1, snapshot())
         if run_stage1 and run.step <= n1:
             ema.copy_to()            # stage 2 starts from the stage-1 EMA generator (spec 2.6)
-        if is_toy and run_stage1:
-            ev = toy_eval(backend, gen, sigmas, reward, cfg, tilt)
-            summary.update({f"{k}_stage1": v for k, v in ev.items()})
-            summary["kl_student_teacher"] = ev["kl_hist_teacher"]
+        if is_toy and run_stage1:    # resumed inside stage 2: the checkpoint's (None from older ones: not reported)
+            ev1 = state.get("eval_stage1") if resumed_at > n1 else toy_eval(backend, gen, sigmas, reward, cfg, tilt)
+            if ev1:
+                summary.update({f"{k}_stage1": v for k, v in ev1.items()})
+                summary["kl_student_teacher"] = ev1["kl_hist_teacher"]
 
         # ================================ STAGE 2: RTDMD ================================
         if run_stage2:

@@ -1,6 +1,7 @@
 """Smoke runs of rtdmd.py: both stages on the toy and on the tiny sd3, flux and flux2 backends (in-process)."""
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -65,6 +66,24 @@ def test_stage2_is_evaluated_on_the_ema_that_the_checkpoint_ships(tmp_path):
     assert {k: s[f"{k}_stage2"] for k in ev} == ev and s["kl_student_tilted"] == ev["kl_hist_tilted"]
     last = _eval_gen_ema(tmp_path, *argv, euler=False)     # the eval logged after the last epoch: the same EMA
     assert rows[-1]["eval_kl_hist_tilted"] == pytest.approx(last["kl_hist_tilted"], rel=1e-6)
+
+
+def test_resumed_inside_stage2_gives_the_uninterrupted_summary(tmp_path):
+    """A run resumed inside stage 2 reports the stage-1 numbers of the stage-1 generator (carried in the checkpoint)
+    and ends with the uninterrupted run's summary; it used to evaluate its stage-2 weights as *_stage1."""
+    import shutil
+
+    from common.runs import list_checkpoints
+    a, c = tmp_path / "a", tmp_path / "c"
+    argv = ["--steps", "4", "--fake-ratio", "2", "--epochs", "3", "--eval-samples", "300", "--groups", "2",
+            "--group-size", "4", "--batch", "16", "--save-every", "5", "--keep", "0"]
+    s_a, _ = _run(a, *argv)
+    shutil.copytree(a, c)
+    for step, path in list_checkpoints(str(c)):
+        if step > 5:                  # keep the checkpoint after stage-2 epoch 1 (stage 1: steps 1..4)
+            os.remove(path)
+    s_c = rtdmd.main(parse_config(rtdmd.Config, ["--resume", str(c)], presets=rtdmd.PRESETS))
+    assert "kl_student_teacher" in s_c and s_c == s_a
 
 
 @pytest.mark.slow
