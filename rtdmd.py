@@ -85,7 +85,7 @@ class Config(RunConfig):
     fake_ratio: int = opt(10, "fake-score updates per generator update (TTUR)", min=1)
     lr: float = opt(1e-3, "generator learning rate", min=0)
     fake_lr: float = opt(1e-3, "fake-score learning rate", min=0)
-    gamma: float = opt(0.01, "consistency weight (0 = off)", min=0)
+    gamma: float = opt(0.01, "consistency weight (0 = off); stage 2 too unless --gamma2", min=0)
     kernel: Literal["cps", "ddpm"] = opt("cps", "consistency transition: cps (official code) or ddpm (martingale)")
     cons_offset: int = opt(200, "max consistency hop in 1000-step units", min=1)
     ema_decay: float = opt(0.99, "generator EMA decay (every iteration)", min=0, max=1)
@@ -112,6 +112,8 @@ class Config(RunConfig):
     dmd_through: Literal["last", "all"] = opt("last", "stage-2 DMD gradient: last step only (code) or whole chain")
     raw_t_max: float = opt(0.1, "raw mode: DMD renoise t ~ U[0.02, raw_t_max] (KL_t -> KL_0 as t -> 0)", min=0.03)
     fake_updates2: int = opt(1, "stage-2 fake-score updates per epoch", min=1)
+    gamma2: float | None = opt(None, "stage-2 consistency weight (none = --gamma; the paper: 0 on FLUX.1-dev, "
+                                     "FLUX.2-9B)", min=0)
     lr2: float = opt(3e-6, "stage-2 generator learning rate", min=0)
     weight_decay2: float = opt(1e-4, "stage-2 generator weight decay", min=0)
     # ----- evaluation -----
@@ -137,7 +139,7 @@ PRESETS = {
     "flux2": {"batch": 6, "lr": 1e-6, "fake_lr": 1e-6, "cfg_scale": 4.0, "groups": 4, "group_size": 24,
               "reward": "clip:1,pickscore:1,hps:1", "steps": 15000, "epochs": 1000, "precision": "bf16",
               "fake_copy": "adapter"},
-    "flux": {"batch": 3, "lr": 1e-6, "fake_lr": 1e-6, "cfg_scale": 3.5, "groups": 2, "group_size": 24, "gamma": 0.0,
+    "flux": {"batch": 3, "lr": 1e-6, "fake_lr": 1e-6, "cfg_scale": 3.5, "groups": 2, "group_size": 24, "gamma2": 0.0,
              "reward": "clip:1,pickscore:1,hps:1", "steps": 15000, "epochs": 1000, "precision": "bf16",
              "fake_copy": "adapter"},
     "wan": {"batch": 2, "lr": 1e-6, "fake_lr": 1e-6, "cfg_scale": 5.0, "groups": 2, "group_size": 8,
@@ -367,7 +369,7 @@ def main(cfg: Config):
     def batch_cond(n):
         return backend.encode([rng.choice(prompts_all) for _ in range(n)])
 
-    def fake_loss(x_s, s, cond, t_range=None):
+    def fake_loss(x_s, s, cond, gamma, t_range=None):
         """Ambient DSM on detached generator samples x_s at levels s (B,), plus gamma x consistency.
         t_range (raw toy mode): t ~ U[t_range] with weight 1, where the KL direction reads the fake score."""
         if t_range is None:
@@ -381,17 +383,17 @@ def main(cfg: Config):
         v = fn(x_t, t)
         l_amb = ambient_fake_loss(v, u, w)
         l_cons = torch.zeros((), device=dev)
-        if cfg.gamma > 0:   # its two hop samples in one fake-score call on the condition tiled twice
+        if gamma > 0:   # its two hop samples in one fake-score call on the condition tiled twice
             t2 = sample_consistency_level(t, gcpu, cfg.cons_offset).to(dev)
             l_cons = consistency_loss(fn, x_t, t, v, t2, cfg.kernel, cfg.eta, gcpu, batched=True)
         return l_amb, l_cons
 
-    def fake_step(x_s, s, cond, t_range=None):
+    def fake_step(x_s, s, cond, gamma, t_range=None):
         opt_fake.zero_grad(set_to_none=True)
         with fake_ctx():   # the backward too: gradient checkpointing recomputes under the adapter active then
             with amp():
-                l_amb, l_cons = fake_loss(x_s.detach(), s, cond, t_range)
-            (l_amb + cfg.gamma * l_cons).backward()
+                l_amb, l_cons = fake_loss(x_s.detach(), s, cond, gamma, t_range)
+            (l_amb + gamma * l_cons).backward()
         dist.average_gradients(fake_params)
         clip_grad(fake_params, cfg.max_grad_norm)
         opt_fake.step()
@@ -450,7 +452,7 @@ def main(cfg: Config):
             cond = batch_cond(cfg.batch)
             with torch.no_grad():
                 x_s, s, k = random_stop_sample(cond, grad=False)
-            l_amb, l_cons = fake_step(x_s, s, cond)
+            l_amb, l_cons = fake_step(x_s, s, cond, cfg.gamma)
             logs = {"stage": 1, "fake_loss": l_amb, "consistency": l_cons, "k_fake": k}
             # ---- generator turn every fake_ratio iterations: normalised DMD through shared-noise projections ----
             if (step + 1) % cfg.fake_ratio == 0:
@@ -497,6 +499,7 @@ def main(cfg: Config):
             ema = EMA(gen_params, decay=cfg.ema_decay)    # a fresh stage-2 EMA (the snapshot saves this one)
             if state and resumed_at > n1:                   # resumed inside stage 2: that EMA, not a fresh one
                 ema.load_state_dict(state["ema"])
+        gamma2 = cfg.gamma if cfg.gamma2 is None else cfg.gamma2   # spec 3.6: off in stage 2 only on some backbones
         for epoch in range(max(0, run.step - n1), cfg.epochs if run_stage2 else 0):
             # ---- rollout: SubGRPO step choice and group-shared noise at the untrained stochastic steps ----
             S = subgrpo_steps(cfg.seed, epoch, stochastic, cfg.sub_steps)
@@ -518,7 +521,7 @@ def main(cfg: Config):
                 r = reward(backend.decode(final), cond.prompts)          # (B, M)
             # ---- fake-score update(s) on the epoch's final samples (s = 0) ----
             for _ in range(cfg.fake_updates2):   # raw mode: fit the fake where the KL direction reads it
-                l_amb, l_cons = fake_step(final, torch.zeros(B, device=dev), cond,
+                l_amb, l_cons = fake_step(final, torch.zeros(B, device=dev), cond, gamma2,
                                           (0.02, cfg.raw_t_max) if cfg.advantage == "raw" else None)
             # ---- advantages ----
             r_all = dist.all_gather_cat(r)    # (world B, M): every rank's groups (also the logged reward means)

@@ -112,6 +112,15 @@ def test_user_error_is_one_line(tmp_path, capsys):
     assert e.value.code == 2
 
 
+def test_flux_preset_turns_the_consistency_off_in_stage_2_only():
+    """Spec 2.4 / 5.1 / 3.6: gamma = 0.01 in stage 1 on every backbone; stage 2 off on FLUX.1-dev (the flux preset
+    set --gamma 0, which also removed it from stage 1), on on FLUX.2-klein-4B (the flux2 preset's default)."""
+    cfg = lambda *a: parse_config(rtdmd.Config, list(a), presets=rtdmd.PRESETS)
+    assert (cfg("--teacher", "flux").gamma, cfg("--teacher", "flux").gamma2) == (0.01, 0.0)
+    assert (cfg("--teacher", "flux2").gamma, cfg("--teacher", "flux2").gamma2) == (0.01, None)
+    assert cfg("--teacher", "flux", "--gamma2", "none").gamma2 is None and cfg("--gamma2", "0.1").gamma2 == 0.1
+
+
 @pytest.mark.parametrize("ts", ["1000,1200,500", "1000", "1000,750,0", "1500,750"])
 def test_timesteps_must_fall_within_the_schedule(ts, capsys):
     """Rising, single, zero-ending or > 1000 raw timesteps are one-line errors at parse time (they used to run)."""
