@@ -494,8 +494,9 @@ def main(cfg: Config):
 
         # ================================ STAGE 2: RTDMD ================================
         if run_stage2:
-            for group in opt_gen.param_groups:
-                group["lr"], group["weight_decay"] = cfg.lr2, cfg.weight_decay2
+            for group in opt_gen.param_groups:   # the decay on make_optimizer's decayed group (2+ dims) only
+                group["lr"] = cfg.lr2
+                group["weight_decay"] = cfg.weight_decay2 if group["params"][0].ndim >= 2 else 0.0  # biases, norms: 0
             ema = EMA(gen_params, decay=cfg.ema_decay)    # a fresh stage-2 EMA (the snapshot saves this one)
             if state and resumed_at > n1:                   # resumed inside stage 2: that EMA, not a fresh one
                 ema.load_state_dict(state["ema"])

@@ -121,6 +121,19 @@ def test_flux_preset_turns_the_consistency_off_in_stage_2_only():
     assert cfg("--teacher", "flux", "--gamma2", "none").gamma2 is None and cfg("--gamma2", "0.1").gamma2 == 0.1
 
 
+def test_stage2_weight_decay_spares_biases_and_norms(tmp_path, monkeypatch):
+    """--weight-decay2 goes to the generator's matrices only: common.train.make_optimizer's no-decay group (biases,
+    normalisation scales) stays at 0 in stage 2 (it was set on every group)."""
+    made = []
+    real = rtdmd.make_optimizer
+    monkeypatch.setattr(rtdmd, "make_optimizer", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    _run(tmp_path, "--steps", "2", "--epochs", "1", "--eval-samples", "100", "--groups", "1", "--group-size", "4",
+         "--batch", "8", "--weight-decay2", "0.01")
+    groups = made[1].param_groups                                  # opt_fake, then opt_gen
+    assert {g["params"][0].ndim >= 2: g["weight_decay"] for g in groups} == {True: 0.01, False: 0.0}
+    assert all(g["lr"] == 1e-4 for g in groups)                     # --lr2 (toy preset) on both
+
+
 @pytest.mark.parametrize("ts", ["1000,1200,500", "1000", "1000,750,0", "1500,750"])
 def test_timesteps_must_fall_within_the_schedule(ts, capsys):
     """Rising, single, zero-ending or > 1000 raw timesteps are one-line errors at parse time (they used to run)."""
