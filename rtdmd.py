@@ -156,6 +156,8 @@ def checks(cfg: Config) -> str | None:
                 f"is deterministic), got {','.join(map(str, ts))}")
     if cfg.sub_steps > len(ts) - 1:
         return f"--sub-steps {cfg.sub_steps} exceeds the {len(ts) - 1} stochastic steps of --timesteps"
+    if cfg.init and cfg.stage != "2":   # stage 1 would start from (and its EMA from) before the loaded weights
+        return f"--init loads a stage-1 run to start stage 2 from: use it with --stage 2 (got --stage {cfg.stage})"
     return None
 
 

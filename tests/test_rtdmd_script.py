@@ -134,6 +134,19 @@ def test_stage2_weight_decay_spares_biases_and_norms(tmp_path, monkeypatch):
     assert all(g["lr"] == 1e-4 for g in groups)                     # --lr2 (toy preset) on both
 
 
+@pytest.mark.parametrize("stage", ["1", "all"])
+def test_init_is_for_stage_2_only(tmp_path, stage, capsys):
+    """--init with --stage 1 or all is a one-line error (it ran: the stage-1 EMA was made before the loaded
+    weights, and stage 1 trained on from them)."""
+    with pytest.raises(SystemExit) as e:
+        parse_config(rtdmd.Config, ["--init", str(tmp_path), "--stage", stage], presets=rtdmd.PRESETS,
+                     checks=[rtdmd.checks])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip().count("\n") == 0 and "--init" in err and "--stage 2" in err
+    assert rtdmd.checks(parse_config(rtdmd.Config, ["--init", str(tmp_path), "--stage", "2"],
+                                     presets=rtdmd.PRESETS)) is None
+
+
 @pytest.mark.parametrize("ts", ["1000,1200,500", "1000", "1000,750,0", "1500,750"])
 def test_timesteps_must_fall_within_the_schedule(ts, capsys):
     """Rising, single, zero-ending or > 1000 raw timesteps are one-line errors at parse time (they used to run)."""
