@@ -57,7 +57,7 @@ from common.dmd import (ambient_fake_loss, ambient_forward, ambient_target, ambi
                         raw_advantages, sample_consistency_level, sample_renoise_level, subgrpo_noises,
                         subgrpo_steps)
 from common.evaluate import save_samples
-from common.flow import make_sigmas, rollout, transition_logprob
+from common.flow import rollout, transition_logprob
 from common.prompts import load_prompts
 from common.rewards import build_reward
 from common.rl import clip_fraction, clipped_surrogate
@@ -120,7 +120,8 @@ class Config(RunConfig):
     eval_samples: int = opt(20000, "toy: samples for the KL estimates", min=100)
     eval_only: bool = opt(False, "no training: evaluate --ckpt (a run directory or checkpoint) at --eval-nfe")
     ckpt: str = opt("", "with --eval-only: the trained run to evaluate ('' = the base model only)", path=True)
-    eval_nfe: list[int] = opt([4], "with --eval-only: generator step counts (CPS eta, last step deterministic)")
+    eval_nfe: list[int] = opt([4], "with --eval-only: generator step counts (CPS eta, last step deterministic; "
+                                   "at len(--timesteps) steps, on --timesteps)")
     eval_per_prompt: int = opt(8, "with --eval-only: held-out samples per eval prompt", min=1)
 
 
@@ -294,8 +295,8 @@ def eval_only(cfg: Config, backend, models: Models, reward, tilt) -> dict:
     if cfg.ckpt:
         ckpt = load_checkpoint(cfg.ckpt, map_location=dev, method="rtdmd", needs=("gen_ema",))
         load_trained(models.fake_named, ckpt["state"]["gen_ema"], f"--ckpt {cfg.ckpt}")
-    for k in cfg.eval_nfe:
-        grid = backend.sigmas(k)
+    for k in cfg.eval_nfe:   # at K = len(--timesteps): the grid RTDMD trained on (--timesteps was ignored here)
+        grid = backend.sigmas(k, timesteps=cfg.timesteps if k == len(cfg.timesteps) else None)
         samplers[f"base generator (K={k})"] = Sampler(models.gen, grid, "cps", cfg.eta, 1.0)
         if cfg.ckpt:
             samplers[f"RTDMD (K={k})"] = Sampler(models.fake, grid, "cps", cfg.eta, 1.0, context=models.fake_ctx)
@@ -342,9 +343,9 @@ def main(cfg: Config):
     ema = EMA(gen_params, decay=cfg.ema_decay)
     # ----- the generator grid: K steps, the last to sigma = 0 deterministic -----
     K = len(cfg.timesteps)
-    uniform = [round(1000 * (1 - i / K)) for i in range(K)] == list(cfg.timesteps)
-    # the family grid linspace(1, 1/K, K) IS the raw grid [1000, 750, 500, 250] for K = 4, with any dynamic shift
-    sigmas = backend.sigmas(K) if uniform else make_sigmas(K, shift=backend.shift, timesteps=cfg.timesteps).to(dev)
+    # under the family's shift rule: FLUX.1 / FLUX.2's dynamic shift too (a static backend.shift was used off the
+    # uniform grid); the default [1000, 750, 500, 250] is the family's uniform 4-step grid
+    sigmas = backend.sigmas(K, timesteps=cfg.timesteps)
     stochastic = list(range(K - 1))
     prompts_all = load_prompts(cfg.prompts) if cfg.prompts not in ("", "builtin") else backend.prompts(cfg.prompt_split)
     logprob = {"auto": "gaussian" if cfg.advantage == "raw" else "cps", "exact": "gaussian",

@@ -157,6 +157,37 @@ def test_timesteps_must_fall_within_the_schedule(ts, capsys):
     assert rtdmd.checks(parse_config(rtdmd.Config, ["--timesteps", "1000,600,300"], presets=rtdmd.PRESETS)) is None
 
 
+@pytest.mark.parametrize("family", ["flux", "flux2", "sd3"])
+def test_timesteps_take_the_family_shift(family):
+    """Raw --timesteps off the uniform grid get the family's shift rule at that K: on FLUX.1 / FLUX.2 the dynamic
+    exp(mu) (a static backend.shift, the scheduler config's 3, was applied). The default timesteps: the family's
+    own 4-step grid, bit for bit."""
+    from common.backend import get_backend
+    from common.flow import shift_sigmas
+    be = get_backend(family, tiny=True)
+    assert torch.equal(be.sigmas(4, timesteps=[1000, 750, 500, 250]), be.sigmas(4))
+    d = float(be.sigmas(3)[1])                      # the uniform 3-step grid at t = 2/3: the family's shift at K = 3
+    s = d * (1 / 3) / ((2 / 3) * (1 - d))
+    torch.testing.assert_close(be.sigmas(3, timesteps=[1000, 600, 300]),
+                               torch.tensor([*shift_sigmas(torch.tensor([1.0, 0.6, 0.3]), s), 0.0]))
+
+
+def test_timesteps_grid_in_training_and_eval_only(tmp_path, monkeypatch):
+    """rtdmd trains on backend.sigmas(K, timesteps=--timesteps), and --eval-only evaluates at K = len(--timesteps)
+    on that grid (it used the uniform one), at other K on the family's uniform grid."""
+    from toy.backend import Toy2DBackend
+    seen, real = [], Toy2DBackend.sigmas
+    monkeypatch.setattr(Toy2DBackend, "sigmas", lambda self, K, shift=None, timesteps=None:
+                        seen.append((K, timesteps and list(timesteps))) or real(self, K, shift, timesteps))
+    ts = ["--timesteps", "1000,600,300"]
+    _run(tmp_path, *ts, "--steps", "1", "--epochs", "0", "--eval-samples", "100", "--batch", "8")
+    assert seen == [(3, [1000, 600, 300])]
+    seen.clear()
+    rtdmd.main(parse_config(rtdmd.Config, ["--eval-only", "--ckpt", str(tmp_path), *ts, "--eval-nfe", "3,2"],
+                            presets=rtdmd.PRESETS))
+    assert seen[1:] == [(50, None), (3, [1000, 600, 300]), (2, None)]    # (main's training grid first)
+
+
 @pytest.mark.usefixtures("restore_torch_globals")
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_precision_sets_autocast_on_the_training_calls(tmp_path, monkeypatch, precision):
