@@ -57,7 +57,7 @@ from common.dmd import (ambient_fake_loss, ambient_forward, ambient_target, ambi
                         raw_advantages, sample_consistency_level, sample_renoise_level, subgrpo_noises,
                         subgrpo_steps)
 from common.evaluate import save_samples
-from common.flow import make_sigmas, rollout, transition_logprob
+from common.flow import rollout, transition_logprob
 from common.prompts import load_prompts
 from common.rewards import build_reward
 from common.rl import clip_fraction, clipped_surrogate
@@ -85,7 +85,7 @@ class Config(RunConfig):
     fake_ratio: int = opt(10, "fake-score updates per generator update (TTUR)", min=1)
     lr: float = opt(1e-3, "generator learning rate", min=0)
     fake_lr: float = opt(1e-3, "fake-score learning rate", min=0)
-    gamma: float = opt(0.01, "consistency weight (0 = off)", min=0)
+    gamma: float = opt(0.01, "consistency weight (0 = off); stage 2 too unless --gamma2", min=0)
     kernel: Literal["cps", "ddpm"] = opt("cps", "consistency transition: cps (official code) or ddpm (martingale)")
     cons_offset: int = opt(200, "max consistency hop in 1000-step units", min=1)
     ema_decay: float = opt(0.99, "generator EMA decay (every iteration)", min=0, max=1)
@@ -112,13 +112,16 @@ class Config(RunConfig):
     dmd_through: Literal["last", "all"] = opt("last", "stage-2 DMD gradient: last step only (code) or whole chain")
     raw_t_max: float = opt(0.1, "raw mode: DMD renoise t ~ U[0.02, raw_t_max] (KL_t -> KL_0 as t -> 0)", min=0.03)
     fake_updates2: int = opt(1, "stage-2 fake-score updates per epoch", min=1)
+    gamma2: float | None = opt(None, "stage-2 consistency weight (none = --gamma; the paper: 0 on FLUX.1-dev, "
+                                     "FLUX.2-9B)", min=0)
     lr2: float = opt(3e-6, "stage-2 generator learning rate", min=0)
     weight_decay2: float = opt(1e-4, "stage-2 generator weight decay", min=0)
     # ----- evaluation -----
     eval_samples: int = opt(20000, "toy: samples for the KL estimates", min=100)
     eval_only: bool = opt(False, "no training: evaluate --ckpt (a run directory or checkpoint) at --eval-nfe")
     ckpt: str = opt("", "with --eval-only: the trained run to evaluate ('' = the base model only)", path=True)
-    eval_nfe: list[int] = opt([4], "with --eval-only: generator step counts (CPS eta, last step deterministic)")
+    eval_nfe: list[int] = opt([4], "with --eval-only: generator step counts (CPS eta, last step deterministic; "
+                                   "at len(--timesteps) steps, on --timesteps)")
     eval_per_prompt: int = opt(8, "with --eval-only: held-out samples per eval prompt", min=1)
 
 
@@ -137,7 +140,7 @@ PRESETS = {
     "flux2": {"batch": 6, "lr": 1e-6, "fake_lr": 1e-6, "cfg_scale": 4.0, "groups": 4, "group_size": 24,
               "reward": "clip:1,pickscore:1,hps:1", "steps": 15000, "epochs": 1000, "precision": "bf16",
               "fake_copy": "adapter"},
-    "flux": {"batch": 3, "lr": 1e-6, "fake_lr": 1e-6, "cfg_scale": 3.5, "groups": 2, "group_size": 24, "gamma": 0.0,
+    "flux": {"batch": 3, "lr": 1e-6, "fake_lr": 1e-6, "cfg_scale": 3.5, "groups": 2, "group_size": 24, "gamma2": 0.0,
              "reward": "clip:1,pickscore:1,hps:1", "steps": 15000, "epochs": 1000, "precision": "bf16",
              "fake_copy": "adapter"},
     "wan": {"batch": 2, "lr": 1e-6, "fake_lr": 1e-6, "cfg_scale": 5.0, "groups": 2, "group_size": 8,
@@ -154,6 +157,8 @@ def checks(cfg: Config) -> str | None:
                 f"is deterministic), got {','.join(map(str, ts))}")
     if cfg.sub_steps > len(ts) - 1:
         return f"--sub-steps {cfg.sub_steps} exceeds the {len(ts) - 1} stochastic steps of --timesteps"
+    if cfg.init and cfg.stage != "2":   # stage 1 would start from (and its EMA from) before the loaded weights
+        return f"--init loads a stage-1 run to start stage 2 from: use it with --stage 2 (got --stage {cfg.stage})"
     return None
 
 
@@ -290,8 +295,8 @@ def eval_only(cfg: Config, backend, models: Models, reward, tilt) -> dict:
     if cfg.ckpt:
         ckpt = load_checkpoint(cfg.ckpt, map_location=dev, method="rtdmd", needs=("gen_ema",))
         load_trained(models.fake_named, ckpt["state"]["gen_ema"], f"--ckpt {cfg.ckpt}")
-    for k in cfg.eval_nfe:
-        grid = backend.sigmas(k)
+    for k in cfg.eval_nfe:   # at K = len(--timesteps): the grid RTDMD trained on (--timesteps was ignored here)
+        grid = backend.sigmas(k, timesteps=cfg.timesteps if k == len(cfg.timesteps) else None)
         samplers[f"base generator (K={k})"] = Sampler(models.gen, grid, "cps", cfg.eta, 1.0)
         if cfg.ckpt:
             samplers[f"RTDMD (K={k})"] = Sampler(models.fake, grid, "cps", cfg.eta, 1.0, context=models.fake_ctx)
@@ -338,9 +343,9 @@ def main(cfg: Config):
     ema = EMA(gen_params, decay=cfg.ema_decay)
     # ----- the generator grid: K steps, the last to sigma = 0 deterministic -----
     K = len(cfg.timesteps)
-    uniform = [round(1000 * (1 - i / K)) for i in range(K)] == list(cfg.timesteps)
-    # the family grid linspace(1, 1/K, K) IS the raw grid [1000, 750, 500, 250] for K = 4, with any dynamic shift
-    sigmas = backend.sigmas(K) if uniform else make_sigmas(K, shift=backend.shift, timesteps=cfg.timesteps).to(dev)
+    # under the family's shift rule: FLUX.1 / FLUX.2's dynamic shift too (a static backend.shift was used off the
+    # uniform grid); the default [1000, 750, 500, 250] is the family's uniform 4-step grid
+    sigmas = backend.sigmas(K, timesteps=cfg.timesteps)
     stochastic = list(range(K - 1))
     prompts_all = load_prompts(cfg.prompts) if cfg.prompts not in ("", "builtin") else backend.prompts(cfg.prompt_split)
     logprob = {"auto": "gaussian" if cfg.advantage == "raw" else "cps", "exact": "gaussian",
@@ -367,7 +372,7 @@ def main(cfg: Config):
     def batch_cond(n):
         return backend.encode([rng.choice(prompts_all) for _ in range(n)])
 
-    def fake_loss(x_s, s, cond, t_range=None):
+    def fake_loss(x_s, s, cond, gamma, t_range=None):
         """Ambient DSM on detached generator samples x_s at levels s (B,), plus gamma x consistency.
         t_range (raw toy mode): t ~ U[t_range] with weight 1, where the KL direction reads the fake score."""
         if t_range is None:
@@ -381,17 +386,17 @@ def main(cfg: Config):
         v = fn(x_t, t)
         l_amb = ambient_fake_loss(v, u, w)
         l_cons = torch.zeros((), device=dev)
-        if cfg.gamma > 0:   # its two hop samples in one fake-score call on the condition tiled twice
+        if gamma > 0:   # its two hop samples in one fake-score call on the condition tiled twice
             t2 = sample_consistency_level(t, gcpu, cfg.cons_offset).to(dev)
             l_cons = consistency_loss(fn, x_t, t, v, t2, cfg.kernel, cfg.eta, gcpu, batched=True)
         return l_amb, l_cons
 
-    def fake_step(x_s, s, cond, t_range=None):
+    def fake_step(x_s, s, cond, gamma, t_range=None):
         opt_fake.zero_grad(set_to_none=True)
         with fake_ctx():   # the backward too: gradient checkpointing recomputes under the adapter active then
             with amp():
-                l_amb, l_cons = fake_loss(x_s.detach(), s, cond, t_range)
-            (l_amb + cfg.gamma * l_cons).backward()
+                l_amb, l_cons = fake_loss(x_s.detach(), s, cond, gamma, t_range)
+            (l_amb + gamma * l_cons).backward()
         dist.average_gradients(fake_params)
         clip_grad(fake_params, cfg.max_grad_norm)
         opt_fake.step()
@@ -423,11 +428,14 @@ def main(cfg: Config):
         summary["reward_teacher"] = backend.target(0).expected_reward(reward.rewards[0])
         summary["reward_tilted"], summary["log_z"] = tilt[0].expected_reward(reward.rewards[0]), tilt[1]
     # checkpoints hold the trained tensors only (with LoRA: the adapters, not the frozen base) and the script's
-    # own random streams (run.resume restores the global ones): a resumed run continues exactly
+    # own random streams (run.resume restores the global ones): a resumed run continues exactly. eval_stage1: the
+    # toy's stage-1 evaluation, which a run resumed inside stage 2 cannot redo (its generator has moved on)
+    ev1 = None
     snapshot = lambda: {"gen": detached(models.gen_named), "fake": detached(models.fake_named),
                         "ema": ema.state_dict(), "gen_ema": _ema_state(models.gen_named, ema),
                         "opt_gen": opt_gen.state_dict(), "opt_fake": opt_fake.state_dict(),
-                        "streams": dist.gather_objects({"prompts": rng.getstate(), "noise": gcpu.get_state()})}
+                        "streams": dist.gather_objects({"prompts": rng.getstate(), "noise": gcpu.get_state()}),
+                        "eval_stage1": ev1}
     state = run.resume(needs=("gen", "fake"))
     resumed_at = run.step
     if state:
@@ -447,7 +455,7 @@ def main(cfg: Config):
             cond = batch_cond(cfg.batch)
             with torch.no_grad():
                 x_s, s, k = random_stop_sample(cond, grad=False)
-            l_amb, l_cons = fake_step(x_s, s, cond)
+            l_amb, l_cons = fake_step(x_s, s, cond, cfg.gamma)
             logs = {"stage": 1, "fake_loss": l_amb, "consistency": l_cons, "k_fake": k}
             # ---- generator turn every fake_ratio iterations: normalised DMD through shared-noise projections ----
             if (step + 1) % cfg.fake_ratio == 0:
@@ -481,18 +489,21 @@ def main(cfg: Config):
                 run.save(step + 1, snapshot())
         if run_stage1 and run.step <= n1:
             ema.copy_to()            # stage 2 starts from the stage-1 EMA generator (spec 2.6)
-        if is_toy and run_stage1:
-            ev = toy_eval(backend, gen, sigmas, reward, cfg, tilt)
-            summary.update({f"{k}_stage1": v for k, v in ev.items()})
-            summary["kl_student_teacher"] = ev["kl_hist_teacher"]
+        if is_toy and run_stage1:    # resumed inside stage 2: the checkpoint's (None from older ones: not reported)
+            ev1 = state.get("eval_stage1") if resumed_at > n1 else toy_eval(backend, gen, sigmas, reward, cfg, tilt)
+            if ev1:
+                summary.update({f"{k}_stage1": v for k, v in ev1.items()})
+                summary["kl_student_teacher"] = ev1["kl_hist_teacher"]
 
         # ================================ STAGE 2: RTDMD ================================
         if run_stage2:
-            for group in opt_gen.param_groups:
-                group["lr"], group["weight_decay"] = cfg.lr2, cfg.weight_decay2
+            for group in opt_gen.param_groups:   # the decay on make_optimizer's decayed group (2+ dims) only
+                group["lr"] = cfg.lr2
+                group["weight_decay"] = cfg.weight_decay2 if group["params"][0].ndim >= 2 else 0.0  # biases, norms: 0
             ema = EMA(gen_params, decay=cfg.ema_decay)    # a fresh stage-2 EMA (the snapshot saves this one)
             if state and resumed_at > n1:                   # resumed inside stage 2: that EMA, not a fresh one
                 ema.load_state_dict(state["ema"])
+        gamma2 = cfg.gamma if cfg.gamma2 is None else cfg.gamma2   # spec 3.6: off in stage 2 only on some backbones
         for epoch in range(max(0, run.step - n1), cfg.epochs if run_stage2 else 0):
             # ---- rollout: SubGRPO step choice and group-shared noise at the untrained stochastic steps ----
             S = subgrpo_steps(cfg.seed, epoch, stochastic, cfg.sub_steps)
@@ -514,13 +525,15 @@ def main(cfg: Config):
                 r = reward(backend.decode(final), cond.prompts)          # (B, M)
             # ---- fake-score update(s) on the epoch's final samples (s = 0) ----
             for _ in range(cfg.fake_updates2):   # raw mode: fit the fake where the KL direction reads it
-                l_amb, l_cons = fake_step(final, torch.zeros(B, device=dev), cond,
+                l_amb, l_cons = fake_step(final, torch.zeros(B, device=dev), cond, gamma2,
                                           (0.02, cfg.raw_t_max) if cfg.advantage == "raw" else None)
             # ---- advantages ----
-            if cfg.advantage == "raw":
+            r_all = dist.all_gather_cat(r)    # (world B, M): every rank's groups (also the logged reward means)
+            if cfg.advantage == "raw":        # group-local (leave-one-out): this rank's groups suffice
                 A = raw_advantages(reward.combine(r), cfg.group_size, cfg.beta)
-            else:
-                A = per_reward_advantages(r, cfg.group_size, reward.weights.to(r.device), cfg.adv_clip)
+            else:   # the global std and re-standardisation over all ranks' samples (spec 3.3), then this rank's rows
+                A = dist.local_rows(per_reward_advantages(r_all, cfg.group_size, reward.weights.to(r.device),
+                                                          cfg.adv_clip), B)
             # ---- loss: policy gradient on S, DMD + back-prop on the deterministic last step ----
             with amp():
                 lps, x0_last, x0 = stage2_terms(vfn, tr, sigmas, S, cfg.eta, chain, logprob, reduce)
@@ -564,28 +577,32 @@ def main(cfg: Config):
             logs = {"stage": 2, "loss": loss.detach(), "pg": pg.detach(), "dmd": torch.as_tensor(l_dm).detach(),
                     "fake_loss": l_amb, "consistency": l_cons, "grad_norm": gn, "subgrpo_steps": S,
                     "adv_mean": A.mean(), "adv_std": A.std(), "adv_absmax": A.abs().max()}
-            r_all = dist.all_gather_cat(r)    # (world B, M): the logged means are over every rank's samples
             logs.update({f"reward_{n}": r_all[:, i].mean() for i, n in enumerate(reward.names)})
             if clipfrac:
                 logs["clipfrac"] = torch.stack(clipfrac).mean()
             if is_toy and (epoch + 1) % max(1, cfg.epochs // 5) == 0:
-                logs.update({f"eval_{k_}": v for k_, v in toy_eval(backend, gen, sigmas, reward, _small(cfg),
-                                                                    tilt, False).items()})
+                with ema.swapped():   # the stage-2 EMA, as stage 1 evaluates its own: the weights gen_ema ships
+                    logs.update({f"eval_{k_}": v for k_, v in toy_eval(backend, gen, sigmas, reward, _small(cfg),
+                                                                        tilt, False).items()})
             run.log(n1 + epoch + 1, **logs)
             if run.due(n1 + epoch + 1):
                 run.save(n1 + epoch + 1, snapshot())
 
     # ================================ final eval and summary ================================
-    if is_toy and run_stage2:
-        ev = toy_eval(backend, gen, sigmas, reward, cfg, tilt, save_dir=run.out if run.main else None)
-        summary.update({f"{k}_stage2": v for k, v in ev.items()})
-        summary["kl_student_tilted"], summary["reward_student"] = ev["kl_hist_tilted"], ev["reward"]
-        summary["kl_student2_teacher"] = ev["kl_hist_teacher"]
-    elif not is_toy:
-        from common.evaluate import held_out, sample_final, score_summary
-        prompts, cond, noise = held_out(backend, n_per_prompt=2, seed=0)
-        lat = sample_final(backend, gen, cond, noise, sigmas, "cps", cfg.eta, 1.0, torch.Generator().manual_seed(0))
-        summary.update({f"student_{k}": v for k, v in score_summary(reward, backend.decode(lat), prompts).items()})
+    # on the EMA weights: the model gen_ema ships (--init, --eval-only, spec 4.5), not the raw stage-2 weights
+    # (after stage 1 alone the generator already holds its EMA: ema.copy_to() above)
+    with ema.swapped():
+        if is_toy and run_stage2:
+            ev = toy_eval(backend, gen, sigmas, reward, cfg, tilt, save_dir=run.out if run.main else None)
+            summary.update({f"{k}_stage2": v for k, v in ev.items()})
+            summary["kl_student_tilted"], summary["reward_student"] = ev["kl_hist_tilted"], ev["reward"]
+            summary["kl_student2_teacher"] = ev["kl_hist_teacher"]
+        elif not is_toy:
+            from common.evaluate import held_out, sample_final, score_summary
+            prompts, cond, noise = held_out(backend, n_per_prompt=2, seed=0)
+            lat = sample_final(backend, gen, cond, noise, sigmas, "cps", cfg.eta, 1.0,
+                               torch.Generator().manual_seed(0))
+            summary.update({f"student_{k}": v for k, v in score_summary(reward, backend.decode(lat), prompts).items()})
     summary["beta"] = cfg.beta if cfg.advantage == "raw" else None
     run.finish(summary, snapshot())
     dist.cleanup()

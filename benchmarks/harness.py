@@ -346,7 +346,8 @@ def expected_calls(method: str, cfg, row: dict, chunks: int = 1) -> collections.
            loss's own: with --dmd-through last the |S| trained SubGRPO steps and the deterministic last step with
            grad (inputs detached), the K - |S| - 1 others without; with --dmd-through all all K with grad (the chain)
            plus 1 batched call with grad at the fixed inputs of those |S| + 1 steps ((|S| + 1) B samples);
-           fake_updates2 x (1 + [gamma > 0]) fake calls with grad, 1 teacher and 1 fake call without grad.
+           fake_updates2 x (1 + [gamma2 > 0]) fake calls with grad (--gamma2, or --gamma when not given), 1 teacher
+           and 1 fake call without grad.
     """
     e = collections.Counter()
     if method == "rats":
@@ -371,7 +372,9 @@ def expected_calls(method: str, cfg, row: dict, chunks: int = 1) -> collections.
         if cfg.beta_kl > 0:
             e[("reference", False)] += cfg.inner_epochs * chunks * n
     elif method == "rtdmd":
-        cons = 1 if cfg.gamma > 0 else 0   # common.dmd.consistency_loss: its two samples in one batched call
+        # common.dmd.consistency_loss: its two samples in one batched call; in stage 2 at weight --gamma2 if given
+        gamma = cfg.gamma if row.get("stage") == 1 or getattr(cfg, "gamma2", None) is None else cfg.gamma2
+        cons = 1 if gamma > 0 else 0
         if row.get("stage") == 1:
             e[("student", False)] += int(row["k_fake"])
             e[("fake", True)] += 1 + cons

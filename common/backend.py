@@ -192,10 +192,11 @@ class Backend(abc.ABC):
         eps = torch.randn((n, *self.latent_shape), generator=generator, device=g_device, dtype=torch.float32)
         return eps.to(self.device)
 
-    def sigmas(self, K: int, shift: float | None = None) -> torch.Tensor:
-        """The family's default K-step grid: (K+1,) float32 from 1 down to exactly 0, static shift."""
+    def sigmas(self, K: int, shift: float | None = None, timesteps: list[int] | None = None) -> torch.Tensor:
+        """The family's default K-step grid: (K+1,) float32 from 1 down to exactly 0, static shift. timesteps: K
+        explicit raw timesteps (e.g. RTDMD's [1000, 750, 500, 250]) in place of the uniform grid, the same shift."""
         from common.flow import make_sigmas
-        return make_sigmas(K, shift=self.shift if shift is None else shift).to(self.device)
+        return make_sigmas(K, shift=self.shift if shift is None else shift, timesteps=timesteps).to(self.device)
 
     def trainable_parameters(self, net: nn.Module) -> list[nn.Parameter]:
         """Parameters an optimiser updates (all of them, or the LoRA ones for adapter-trained families)."""

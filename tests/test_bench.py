@@ -102,6 +102,17 @@ def test_rtdmd_counts_per_stage():
                                "teacher/nograd": 1}
 
 
+def test_rtdmd_gamma2_turns_the_consistency_off_in_stage_2_only():
+    """--gamma2 0 (the flux preset, spec 3.6): stage 1 keeps its consistency call (--gamma 0.01), stage 2's fake
+    update has none; the harness's expected counts follow the stage's weight."""
+    recs = measure("rtdmd", ["--steps", "2", "--fake-ratio", "2", "--epochs", "1", "--batch", "8", "--groups", "1",
+                             "--group-size", "4", "--fake-updates2", "1", "--gamma2", "0", "--eval-samples", "100"],
+                   replays=1)
+    s1, s2 = _one(recs, "stage1"), _one(recs, "stage2")
+    assert s1["nfe_match"] and s2["nfe_match"]
+    assert s1["nfe_calls"]["fake/grad"] == 2 and s2["nfe_calls"]["fake/grad"] == 1
+
+
 def test_rtdmd_dmd_through_all_rollout_in_the_graph_and_one_batched_call():
     recs = measure("rtdmd", ["--steps", "2", "--fake-ratio", "2", "--epochs", "1", "--batch", "8", "--groups", "1",
                              "--group-size", "4", "--gamma", "0", "--dmd-through", "all", "--eval-samples", "100"],

@@ -146,7 +146,7 @@ def test_other_scripts_refuse_an_otca_checkpoint_in_one_line(tmp_path, capsys):
     _run(tmp_path, "--steps", "1", "--eval-samples", "0", "--save-every", "1")
     run = str(tmp_path / "run")
     for mod, argv in ((rats, ["--eval-only", "--ckpt", run]), (rtdmd, ["--eval-only", "--ckpt", run]),
-                      (rtdmd, ["--init", run, "--steps", "1", "--epochs", "0", "--out", str(tmp_path / "x")])):
+                      (rtdmd, ["--init", run, "--stage", "2", "--epochs", "0", "--out", str(tmp_path / "x")])):
         with pytest.raises(SystemExit) as e:
             with user_errors():
                 mod.main(parse_config(mod.Config, argv=argv, presets=mod.PRESETS))

@@ -17,7 +17,7 @@ from common.runs import list_checkpoints, load_checkpoint
 
 TINY = ["--teacher", "flux", "--tiny", "--device", "cpu", "--precision", "fp32", "--reward", "clip",
         "--steps", "1", "--fake-ratio", "1", "--epochs", "2", "--groups", "1", "--group-size", "2", "--batch", "2",
-        "--gamma", "0.01", "--save-every", "1", "--keep", "0"]
+        "--gamma2", "0.01", "--save-every", "1", "--keep", "0"]   # the consistency in stage 2 too (flux preset: 0)
 
 
 def _run(out, monkeypatch, *argv):

@@ -4,7 +4,8 @@ One spawn runs, for each of rats.py, otca.py and rtdmd.py on the toy, a run with
 one of its middle checkpoints. Checked: both ranks end with the same weights bit for bit (the gradients are averaged
 before every update), rtdmd's ranks draw different samples (their own random streams), one run directory written by
 rank 0 only, and the resumed 2-rank run logs what the uninterrupted one logged and ends with the same weights (every
-rank's random streams are in the checkpoint).
+rank's random streams are in the checkpoint). rtdmd runs its paper mode (--advantage grpo): each rank's advantages are
+its rows of the one computation over both ranks' rewards.
 """
 from __future__ import annotations
 
@@ -22,8 +23,25 @@ CASES = {   # script: (flags, the checkpoint step the resume starts from)
     "otca": (["--steps", "4", "--eval-samples", "0", "--nfe", "5", "--train-fraction", "0.5", "--prompts-per-step",
               "2", "--save-every", "2"], 2),
     "rtdmd": (["--steps", "4", "--epochs", "2", "--fake-ratio", "2", "--batch", "16", "--groups", "2",
-               "--group-size", "4", "--eval-samples", "200", "--save-every", "3"], 3),
+               "--group-size", "4", "--eval-samples", "200", "--save-every", "3", "--advantage", "grpo"], 3),
 }
+RTDMD_B = 8     # rtdmd's stage-2 samples per rank: --groups x --group-size
+
+
+class _RewardSpy:
+    """A reward that records its outputs on rtdmd's stage-2 rollouts (B rows, no graph: not back-prop, not eval)."""
+
+    def __init__(self, reward, seen: list):
+        self._reward, self._seen = reward, seen
+
+    def __getattr__(self, name):
+        return getattr(self._reward, name)
+
+    def __call__(self, *a, **k):
+        out = self._reward(*a, **k)
+        if out.shape[0] == RTDMD_B and not out.requires_grad:
+            self._seen.append(out.detach().clone())
+        return out
 
 
 def run_case(name: str, flags: list[str], cut: int, rank: int, tmp: str, out: dict) -> None:
@@ -40,6 +58,11 @@ def run_case(name: str, flags: list[str], cut: int, rank: int, tmp: str, out: di
     if name == "rtdmd":
         real_loss = mod.ambient_fake_loss
         mod.ambient_fake_loss = lambda *a, **k: fake_losses.append(real_loss(*a, **k)) or fake_losses[-1]
+        # this rank's rollout rewards and the advantages its policy gradient used, per epoch (run a only)
+        rewards, advantages = [], []
+        real_reward, real_surrogate = mod.build_reward, mod.clipped_surrogate
+        mod.build_reward = lambda *a, **k: _RewardSpy(real_reward(*a, **k), rewards)
+        mod.clipped_surrogate = lambda lp, old, A, *a: advantages.append(A.detach()) or real_surrogate(lp, old, A, *a)
 
     def weights():
         return torch.cat([p.detach().flatten() for p in backends[-1].network.parameters() if p.requires_grad])
@@ -53,6 +76,8 @@ def run_case(name: str, flags: list[str], cut: int, rank: int, tmp: str, out: di
         out["rats_reward_student"] = torch.tensor(summary.get("reward_student", float("nan")))
     if fake_losses:
         out[f"{name}_first_fake_loss"] = fake_losses[0].detach()
+        out[f"{name}_rewards"], out[f"{name}_adv"] = torch.stack(rewards), torch.stack(advantages[::2])  # |S| = 2
+        mod.build_reward, mod.clipped_surrogate = real_reward, real_surrogate
     if rank == 0:                          # the run as it stood at step `cut`, continued on 2 ranks
         shutil.copytree(a, c)
         for step, path in list_checkpoints(c):
@@ -105,6 +130,16 @@ def test_two_ranks_stay_equal_and_resume_exactly(tmp_path):
         assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and len(rows) >= 4, name
         assert _rows(c) == rows, name
     assert [r["stage"] for r in _rows(tmp_path / "rtdmd" / "a")] == [1] * 4 + [2] * 2
+    # rtdmd --advantage grpo: the group means, the global std and the re-standardisation run over both ranks'
+    # samples (spec 3.3, as one process with both ranks' groups); each rank's policy gradient gets its own rows.
+    # Each rank standardising its own rewards (the old code) gives other advantages.
+    from common.dmd import per_reward_advantages
+    assert r0["rtdmd_rewards"].shape == (2, RTDMD_B, 1) and r0["rtdmd_adv"].shape == (2, RTDMD_B)
+    for e in range(2):
+        both = per_reward_advantages(torch.cat([r0["rtdmd_rewards"][e], r1["rtdmd_rewards"][e]]), 4)
+        torch.testing.assert_close(torch.cat([r0["rtdmd_adv"][e], r1["rtdmd_adv"][e]]), both)
+        per_rank = torch.cat([per_reward_advantages(r["rtdmd_rewards"][e], 4) for r in (r0, r1)])
+        assert not torch.allclose(per_rank, both)
 
     # rats.py evaluates on every rank, each its share of the eval set, the rewards gathered (before, rank 0 sampled
     # the whole set while the other ranks waited in a collective): the 2-rank summary is the set's, as one process

@@ -72,15 +72,15 @@ class FluxBackend(DiffusersBackend):
         c = self.pipe.transformer.config.in_channels          # = 4 x VAE channels
         return ((h // 2) * (w // 2), c)
 
-    def sigmas(self, K: int, shift: float | None = None) -> torch.Tensor:
-        """FLUX.1's grid: linspace(1, 1/K, K) shifted by exp(mu), mu linear in the token count
-        (common.flow.flux_mu with the scheduler's base/max values), then 0. shift overrides with a static one."""
+    def sigmas(self, K: int, shift: float | None = None, timesteps: list[int] | None = None) -> torch.Tensor:
+        """FLUX.1's grid: linspace(1, 1/K, K) (or K raw timesteps / 1000) shifted by exp(mu), mu linear in the token
+        count (common.flow.flux_mu with the scheduler's base/max values), then 0. shift overrides with a static one."""
         if shift is not None:
-            return make_sigmas(K, shift=shift).to(self.device)
+            return make_sigmas(K, shift=shift, timesteps=timesteps).to(self.device)
         c = self.pipe.scheduler.config
         mu = flux_mu(self.latent_shape[0], c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
                      c.get("base_shift", 0.5), c.get("max_shift", 1.15))
-        return make_sigmas(K, mu=mu).to(self.device)
+        return make_sigmas(K, mu=mu, timesteps=timesteps).to(self.device)
 
     def _encode_batch(self, prompts):
         pe, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, device=self.device,

@@ -98,12 +98,13 @@ class Flux2Backend(DiffusersBackend):
         h2, w2 = self.latent_hw
         return (self.pipe.transformer.config.in_channels, h2, w2)
 
-    def sigmas(self, K: int, shift: float | None = None) -> torch.Tensor:
-        """FLUX.2's grid: linspace(1, 1/K, K) shifted by exp(mu), mu = flux2_empirical_mu(tokens, K), then 0."""
+    def sigmas(self, K: int, shift: float | None = None, timesteps: list[int] | None = None) -> torch.Tensor:
+        """FLUX.2's grid: linspace(1, 1/K, K) (or K raw timesteps / 1000) shifted by exp(mu),
+        mu = flux2_empirical_mu(tokens, K), then 0."""
         if shift is not None:
-            return make_sigmas(K, shift=shift).to(self.device)
+            return make_sigmas(K, shift=shift, timesteps=timesteps).to(self.device)
         h2, w2 = self.latent_hw
-        return make_sigmas(K, mu=flux2_empirical_mu(h2 * w2, K)).to(self.device)
+        return make_sigmas(K, mu=flux2_empirical_mu(h2 * w2, K), timesteps=timesteps).to(self.device)
 
     def _encode_batch(self, prompts):
         pe, _ = self.pipe.encode_prompt(prompt=prompts, device=self.device,
