@@ -37,26 +37,29 @@ FINDINGS = """## What the numbers say (measured 2026-11-21 on the shared 2-core 
   matching x0_hat at s = 0) gets to 0.87 ± 0.08 with the same budget, so AC-DMD is better here. With gamma = 0.01 the
   consistency term changes nothing measurable: off gives 0.72 ± 0.04 and the ddpm kernel 0.735, both within noise of
   the default. The student does not reach the teacher: 0.74 nats are left after 150 generator updates.
-* **Stage 2: does the student land on p_tilt, or go past it? It depends on where the DMD term acts.**
+* **Stage 2: does the student land on p_tilt, or go past it? It depends on where the DMD term acts.** Every
+  stage-2 number is of the generator's EMA weights (decay 0.99), which the checkpoints ship (`--init`, `--eval-only`).
   - DMD on the last step only (the official code's placement) goes past the target on every seed. The mean reward
-    is 2.63 ± 0.32 against the closed-form E_tilt[r] = 1.50, and the KL to the teacher grows to 1.81; most of the
-    mass ends up on the rewarded mode (figure, right). This is what the theory predicts. At p_tilt the last-step DMD
-    gradient cancels only the last-step back-prop term (s_p - s_T = beta grad r), so the score-function reward term
-    on the stochastic steps keeps pushing.
+    is 1.96 ± 0.31 (seeds 2.04, 1.62, 2.21) against the closed-form E_tilt[r] = 1.50, and the KL to the teacher
+    grows to 1.16; much of the mass moves to the rewarded mode (figure, right). This is what the theory predicts.
+    At p_tilt the last-step DMD gradient cancels only the last-step back-prop term (s_p - s_T = beta grad r), so the
+    score-function reward term on the stochastic steps keeps pushing. Its KL to p_tilt, 0.53 ± 0.04, is still the
+    lowest of the 300-epoch variants: it gets near p_tilt fastest, then goes on past it.
   - DMD through the whole chain (our toy default, the placement under which p_tilt is a stationary point) moves
-    toward the target without passing it. KL to p_tilt goes from 1.20 to 0.74 ± 0.14 after 300 epochs and to
-    0.52 ± 0.10 after 600. The reward goes to 0.47 ± 0.34 and then 0.87 ± 0.41, still below 1.50, and the KL to
+    toward the target without passing it. KL to p_tilt goes from 1.20 to 0.82 ± 0.08 after 300 epochs and to
+    0.57 ± 0.12 after 600. The reward goes to 0.28 ± 0.20 and then 0.75 ± 0.38, still below 1.50, and the KL to
     the teacher stays near 0.6. So it undershoots within this budget: it has not converged, and one seed (2) barely
-    moves in 300 epochs. Closing the gap would take more epochs or a larger stage-2 learning rate; neither was tuned.
+    moves in 300 epochs (reward 0.05). Closing the gap would take more epochs or a larger stage-2 learning rate;
+    neither was tuned.
 * **Stage-2 ablations (300 epochs, chain DMD).** Full GRPO (3 of 3 steps; SubGRPO trains 2 and rescales by
   3/2), back-prop off, and the
-  code's surrogate log-prob all land within one seed-std of the default. The toy cannot separate them at this
+  code's surrogate log-prob all land within about one seed-std of the default. The toy cannot separate them at this
   budget. In raw mode the surrogate (no 1/(2 rho^2)) mis-scales the score-function term by about rho_j^2, which
   changes the effective beta, but the difference is below the seed noise here.
-* Stage 2 was re-run after rtdmd.py's stage-2 step stopped repeating network evaluations (2026-11-21: the rollout is
-  the loss's graph, the fixed-input evaluations one batched call). Same maths, but float sums in another order, so
-  each seed's 300-epoch trajectory differs: the first run gave 0.81 ± 0.20 (KL to p_tilt) and 0.30 ± 0.43 (reward)
-  for the default, within the spreads above; stage 1 is unchanged bit for bit.
+* History. Until 2026-11-21 this table evaluated stage 2 on the raw training weights instead of the EMA that ships;
+  the raw weights run ahead of the EMA: the chain default read 0.74 ± 0.14 (KL to p_tilt) and 0.47 ± 0.34 (reward),
+  the last-step placement 0.84 ± 0.27 and 2.63 ± 0.32 (KL to the teacher 1.81), with the same conclusions. Stage 1
+  was always evaluated on its EMA and is unchanged.
 * Errors: the binned KL has sampling s.e. about 0.01 and a discretisation bias (a lower bound up to O(h^2)). The
   spread over seeds (0.1 to 0.4) dominates. Each seed also draws its own learned toy network (the backend's seed),
   which is why the initial KL differs across seeds.
@@ -156,7 +159,7 @@ def plots(seed: int):
         net = b.network
         if d is not None:
             net = b.frozen_copy(b.network)
-            net.load_state_dict(load_checkpoint(d)["state"]["gen_ema" if "s1_" in d else "gen"])
+            net.load_state_dict(load_checkpoint(d)["state"]["gen_ema"])   # what each stage ships and reports
         with torch.no_grad():
             x = rollout(b.velocity_fn(net, cond, 1.0), z, sig, "cps", 0.9, generator=torch.Generator().manual_seed(1))
         plot_samples(x.final, ax=ax, logp=logp, title=title)
