@@ -33,17 +33,20 @@ NOTE = """## Reading (one seed, measured 2026-11-21 on the shared CPU; not tuned
 
 * Stage 1 keeps the colour frequencies near the teacher's: red 0.18 against 0.19, with no collapse. 600 iterations
   (60 generator updates) is a short cold start.
-* Stage 2 does not land on the tilted target in either mode.
-  - Code mode (per-reward standardised advantages, normalised DMD x 1e-3, back-prop x 1e-4) goes far past it: 99.6%
-    red against the target 60%. This mode has no beta. The standardised advantages make the reward term's strength
-    independent of the reward's scale, and the 1e-3 DMD weight is too weak to hold the tilt. On the toy the same
-    placement (DMD on the last step only) also overshoots.
-  - Raw beta mode collapses to one wrong colour (99.8% green, reward 0). On 3x32x32 pixels the unnormalised KL
-    direction (1 - t)(s_fake - s_real), summed over 3072 dimensions at t <= 0.1, reaches losses of +-800 and
-    swamps the policy gradient (about 1e-3). With the fake score trained for one step per epoch, that direction is
-    mostly fake-score error, and following it collapses the generator. The calibrated raw mode works on the 2-D toy
-    (results/rtdmd_toy.md) but, as implemented, not at image dimension. It would need more fake updates per epoch,
-    a larger t range, or a normalised KL direction. None of these was tried in the time available.
+* Stage 2 does not land on the tilted target in either mode. Every row is the EMA weights (stage 2: decay 0.99), what
+  the checkpoints ship; the raw training weights, which this table showed until 2026-11-21, are further along the
+  same paths (99.6% red in code mode, 99.8% green in raw beta mode).
+  - Code mode (per-reward standardised advantages, normalised DMD x 1e-3, back-prop x 1e-4) goes past it: 76% red
+    against the target 60% (reward 0.73 against 0.56). This mode has no beta. The standardised advantages make the
+    reward term's strength independent of the reward's scale, and the 1e-3 DMD weight is too weak to hold the tilt.
+    On the toy the same placement (DMD on the last step only) also overshoots.
+  - Raw beta mode drifts to a wrong colour (63% green, reward 0.10; the raw weights have collapsed to it). On
+    3x32x32 pixels the unnormalised KL direction (1 - t)(s_fake - s_real), summed over 3072 dimensions at t <= 0.1,
+    reaches losses of +-800 and swamps the policy gradient (about 1e-3). With the fake score trained for one step per
+    epoch, that direction is mostly fake-score error, and following it collapses the generator. The calibrated raw
+    mode works on the 2-D toy (results/rtdmd_toy.md) but, as implemented, not at image dimension. It would need more
+    fake updates per epoch, a larger t range, or a normalised KL direction. None of these was tried in the time
+    available.
 """
 
 
@@ -89,11 +92,12 @@ def main():
     init = b.frozen_copy(b.network)
     f, r = freqs(init, sig4, "cps", 0.9, 1.0)
     rows.append({"model": "init student (teacher weights, 4 CPS steps, no CFG)", "freq": f.tolist(), "reward": r})
-    for name, d, key in (("after stage 1 (AC-DMD, EMA)", s1, "gen_ema"),
-                         ("after stage 2, raw beta mode (unnormalised DMD through the chain)", s2, "gen"),
-                         ("after stage 2, code mode (grpo advantages, normalised DMD x 1e-3, BP x 1e-4)", s2g, "gen")):
+    # every row the EMA weights, what each stage ships (--init, --eval-only) and what rtdmd.py's summary reports
+    for name, d in (("after stage 1 (AC-DMD, EMA)", s1),
+                    ("after stage 2, raw beta mode (unnormalised DMD through the chain, EMA)", s2),
+                    ("after stage 2, code mode (grpo advantages, normalised DMD x 1e-3, BP x 1e-4, EMA)", s2g)):
         net = b.frozen_copy(b.network)
-        net.load_state_dict(load_checkpoint(d)["state"][key])
+        net.load_state_dict(load_checkpoint(d)["state"]["gen_ema"])
         f, r = freqs(net, sig4, "cps", 0.9, 1.0)
         rows.append({"model": name, "freq": f.tolist(), "reward": r})
     exp_target = float((target * r_val.double()).sum())
