@@ -7,7 +7,9 @@ over one eager step (matmuls and attention, forward and backward), which is inde
 torch.compile. MFU = FLOPs per step / median step time / the device's peak dense bf16 FLOP/s (--peak-tflops; by
 default looked up from the GPU's name: H100/H200 989, A100 312; none on a CPU, where MFU is not reported).
 
-GPU:  python benchmarks/dit_throughput.py --preset small --dtype bf16 [--compile]
+GPU:  python benchmarks/dit_throughput.py --preset small --dtype bf16 [--compile]     (bf16 weights)
+      python benchmarks/dit_throughput.py --preset small --dtype fp32 --amp           (fp32 weights, bf16 autocast:
+                                                                                        what rats/otca/rtdmd train)
 CPU smoke run:  python benchmarks/dit_throughput.py --preset tiny --batch 4 --steps 2 --device cpu
 Prints one JSON line (and writes it to --out when given).
 """
@@ -34,6 +36,8 @@ def parse(argv=None):
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default bf16 on GPU, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast around the forward (with --dtype fp32: the "
+                   "scripts' mixed precision, float32 weights)")
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation happens here)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
@@ -79,7 +83,8 @@ def main(argv=None) -> dict:
     def step():
         sigma = torch.rand(a.batch, generator=g).to(device)
         s = sigma.view(-1, *[1] * (x0.ndim - 1))
-        v = backend.velocity(net, (1 - s) * x0 + s * eps, sigma, cond, 1.0)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.amp):
+            v = backend.velocity(net, (1 - s) * x0 + s * eps, sigma, cond, 1.0)
         loss = ((v.float() - (eps - x0)) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -96,10 +101,10 @@ def main(argv=None) -> dict:
     times, loss, t_warm = time_steps(step, a.warmup, a.steps, device)
     t_med = median(times)
     # the looked-up peak is bf16's: an fp32 run's MFU only against a --peak-tflops the user gives (TF32, FP32)
-    peak = peak_tflops(device, a.peak_tflops) if dtype == torch.bfloat16 or a.peak_tflops else None
+    peak = peak_tflops(device, a.peak_tflops) if dtype == torch.bfloat16 or a.amp or a.peak_tflops else None
     res = dict(benchmark="dit_train_throughput", preset=a.preset, video=a.video, resolution=net.cfg.resolution,
                device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               dtype=str(dtype).removeprefix("torch."), compile=a.compile, batch=a.batch, params=n_params,
+               dtype=str(dtype).removeprefix("torch."), amp=a.amp, compile=a.compile, batch=a.batch, params=n_params,
                flops_per_step=flops, step_s_median=round(t_med, 5), step_s_all=[round(t, 5) for t in times],
                samples_per_s=round(a.batch / t_med, 2), achieved_tflops=round(flops / t_med / 1e12, 4),
                peak_tflops=peak, mfu=round(flops / t_med / (peak * 1e12), 4) if peak else None,

@@ -4,6 +4,8 @@
 # 8 files back from $OUT. From the repository root:
 #
 #   bash benchmarks/gpu_suite.sh dit             small DiT, bf16: eager, then torch.compile             (~3 min)
+#   bash benchmarks/gpu_suite.sh amp             small DiT, fp32 weights under bf16 autocast (the scripts'
+#                                                mixed precision), eager                                 (~1 min)
 #   bash benchmarks/gpu_suite.sh flux            FLUX.1 (random 11.9 B weights, 512 px, LoRA r32, gradient
 #                                                checkpointing): LoRA step, RATS step (teacher copy and adapter),
 #                                                GRPO step of otca.py                                    (~6 min)
@@ -40,11 +42,12 @@ bench() {   # bench <timeout s> <script> <flags...>: one JSON line appended to g
 }
 
 if [ "${SMOKE:-0}" = 1 ]; then   # tiny sizes on a CPU: proves the commands, measures nothing
-    DIT=(--preset tiny --batch 2 --warmup 0 --steps 1 --device cpu)
+    DIT=(--preset tiny --batch 2 --warmup 0 --steps 1 --device cpu); AMP=(--preset tiny --batch 2 --warmup 0
+    --steps 1 --device cpu --dtype fp32 --amp)
     FLUX=(--tiny --device cpu --steps 1 --warmup 0)
     RATS=(--teacher-nfe 4); GRPO=(--nfe 3 --group-size 2 --micro-batch 1)
 else
-    DIT=(--preset small --dtype bf16); FLUX=(); RATS=(); GRPO=()
+    DIT=(--preset small --dtype bf16); AMP=(--preset small --dtype fp32 --amp); FLUX=(); RATS=(); GRPO=()
 fi
 [ $# -eq 0 ] && set -- dit flux
 for part in "$@"; do
@@ -52,12 +55,14 @@ for part in "$@"; do
         dit)
             bench 240 benchmarks/dit_throughput.py "${DIT[@]}"
             bench 330 benchmarks/dit_throughput.py "${DIT[@]}" --compile ;;
+        amp)
+            bench 300 benchmarks/dit_throughput.py "${AMP[@]}" ;;
         flux)
             bench 150 benchmarks/flux_lora_step.py "${FLUX[@]}"
             bench 150 benchmarks/flux_method_step.py --method rats "${FLUX[@]}" "${RATS[@]}"
             bench 150 benchmarks/flux_method_step.py --method rats --teacher-copy adapter "${FLUX[@]}" "${RATS[@]}"
             bench 240 benchmarks/flux_method_step.py --method grpo "${FLUX[@]}" "${GRPO[@]}" ;;
-        *) echo "error: unknown part '$part' (dit | flux)" >&2; exit 2 ;;
+        *) echo "error: unknown part '$part' (dit | amp | flux)" >&2; exit 2 ;;
     esac
 done
 "$PY" -m benchmarks.gpu_table "$OUT/gpu.jsonl" > "$OUT/gpu.md" && cat "$OUT/gpu.md"

@@ -24,7 +24,8 @@ def peak_gb(r: dict) -> str:
 def what(r: dict) -> str:
     b = r.get("benchmark", "?")
     if b == "dit_train_throughput":
-        return f"small DiT train step ({r['preset']}, {r['dtype']}, batch {r['batch']}, " \
+        return f"small DiT train step ({r['preset']}, {r['dtype']}{' + bf16 autocast' if r.get('amp') else ''}, " \
+               f"batch {r['batch']}, " \
                f"{'torch.compile' if r['compile'] else 'eager'})"
     if b == "flux1_lora_step":
         return f"FLUX.1 LoRA step (r{r['lora_rank']}, {r['height']} px, batch {r['batch']})"

@@ -160,6 +160,10 @@ def test_dit_throughput_counts_flops_and_reports_mfu_only_with_a_peak():
     assert r["mfu"] == pytest.approx(r["flops_per_step"] / r["step_s_median"] / 1e12, rel=0.02, abs=1e-4)
     assert main(["--preset", "tiny", "--resolution", "16", "--batch", "2", "--warmup", "0", "--steps", "1",
                  "--device", "cpu", "--threads", "1"])["mfu"] is None
+    # --amp: float32 weights under bf16 autocast (the scripts' mixed precision); the same model FLOPs are counted
+    amp = main(["--preset", "tiny", "--resolution", "16", "--batch", "2", "--warmup", "0", "--steps", "1",
+                "--device", "cpu", "--threads", "1", "--amp"])
+    assert amp["amp"] and amp["dtype"] == "float32" and amp["flops_per_step"] == r["flops_per_step"]
 
 
 @pytest.mark.slow
@@ -204,19 +208,20 @@ esac
     stub.chmod(0o755)
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "PY": str(stub)}
-    p = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "dit", "flux"], cwd=root, env=env, capture_output=True,
-                       text=True, timeout=60)
+    p = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "dit", "amp", "flux"], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     calls = (tmp_path / "calls").read_text().splitlines()
     assert [c.split(" --out")[0] for c in calls] == [
         "benchmarks/dit_throughput.py --preset small --dtype bf16",
         "benchmarks/dit_throughput.py --preset small --dtype bf16 --compile",
+        "benchmarks/dit_throughput.py --preset small --dtype fp32 --amp",
         "benchmarks/flux_lora_step.py",
         "benchmarks/flux_method_step.py --method rats",
         "benchmarks/flux_method_step.py --method rats --teacher-copy adapter",
         "benchmarks/flux_method_step.py --method grpo"]
     records = [json.loads(line) for line in (out / "gpu.jsonl").read_text().splitlines()]
-    assert len(records) == 6 and "exit status 1" in records[-1]["error"]
+    assert len(records) == 7 and "exit status 1" in records[-1]["error"]
     md = (out / "gpu.md").read_text()
     assert "| small DiT train step (small, bfloat16, batch 64, eager) | GPU | 0.1 | 9 (reserved 10) |" in md
     assert "failed: exit status 1" in md and "| RATS (paper, FLUX) | (the paper's GPU) | 7.57 | 67.67 |" in md
