@@ -341,8 +341,8 @@ def main(cfg: Config) -> dict:
     params = backend.trainable_parameters(net)
     if not params:
         raise ConfigError(f"backend {cfg.teacher} exposes no trainable parameters")
-    if cfg.beta_kl > 0 and not (hasattr(backend, "has_lora") and backend.has_lora(net)):
-        backend.keep_reference(net)  # full fine-tuning (diffusers --full-finetune too): a frozen copy of the base
+    if cfg.beta_kl > 0:
+        backend.keep_reference(net)  # full fine-tuning: a frozen copy of the base (with a LoRA nothing is kept)
     opt_ = make_optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.eval_only:
         return eval_only(cfg, backend, net, reward, device, ckpt)

@@ -166,11 +166,11 @@ def evaluate(backend, net, reward, ev, sigmas, cfg: Config) -> tuple[dict, torch
 def point_metrics(backend, net, base, sig_S, sig_T, ev, lat, cfg: Config, teacher_lat=None) -> dict:
     """2-D worlds only (decode = the points): KL(student K steps || base teacher N steps), both deterministic,
     densities by change of variables (toy.metrics.kl_sampler), the MMD to the teacher's samples and the spread.
-    teacher_lat: the base teacher's N-step samples of the same eval noise when already computed (not sampled again)."""
+    lat: this rank's rows of the student's samples; teacher_lat: the base teacher's N-step samples of the whole eval
+    set when already computed (not sampled again)."""
     from toy.metrics import kl_sampler, mmd
     _, cond, noise = ev
     lat = dist.gather_strided(lat, noise.shape[0])      # this rank's rows -> the whole set (2-D points: small)
-    teacher_lat = None if teacher_lat is None else dist.gather_strided(teacher_lat, noise.shape[0])
     n = min(cfg.eval_size, 512)  # the teacher's density needs N Newton inversions per point: keep it small
     cond = cond.select(slice(0, n))
     kl = kl_sampler(backend.velocity_fn(net, cond), sig_S, backend.velocity_fn(base, cond), n,
@@ -267,7 +267,8 @@ def main(cfg: Config) -> dict:
     if cfg.eval_only:
         net.eval()
         with as_teacher():
-            ev_T, lat_T0 = evaluate(backend, teacher, reward, ev, sig_T, cfg)   # before loading: the base teacher
+            ev_T, lat_T = evaluate(backend, teacher, reward, ev, sig_T, cfg)   # before loading: the base teacher
+        lat_T0 = dist.gather_strided(lat_T, n_ev)
         load_trained(trained_tensors(net), ckpt["state"]["net"], f"--ckpt {cfg.ckpt}")
         out = {"reward_teacher": ev_T["reward"], **final_eval(backend, net, teacher, base, reward, ev, sig_S, sig_T,
                                                                cfg, lat_T0, as_teacher=as_teacher)}
@@ -275,7 +276,7 @@ def main(cfg: Config) -> dict:
         print(json.dumps(out, indent=2))
         return out
     summary = {"matching_index": j.tolist(), "sigmas_student": sig_S.tolist()}
-    lat_T0 = None  # the base teacher's N-step samples of this rank's eval rows (the reference of dist_to_teacher)
+    lat_T0 = None  # the base teacher's N-step samples of the whole eval set (the reference of dist_to_teacher)
     state = run.resume(needs=("net", "ema"))
     if state:
         load_trained(trained_tensors(net), state["net"], "--resume")
@@ -283,28 +284,28 @@ def main(cfg: Config) -> dict:
         ema.load_state_dict(state["ema"])
         normalizer.load_state_dict(state["gap_norm"])
         summary.update(state["summary"])
-        if state.get("lat_T0") is not None:   # the whole set: the base teacher cannot be sampled again after training
-            lat_T0 = state["lat_T0"].to(device)[dist.strided_rows(n_ev)]
+        if state.get("lat_T0") is not None:   # the base teacher cannot be sampled again after training
+            lat_T0 = state["lat_T0"].to(device)
         else:                                 # (older checkpoints) no reference: no stale value either
             summary.pop("dist_to_teacher", None)
     else:  # before any update: the base teacher at N steps and the untrained student at K steps (every rank)
         net.eval()
         with as_teacher():
-            ev_T, lat_T0 = evaluate(backend, teacher, reward, ev, sig_T, cfg)
+            ev_T, lat_T = evaluate(backend, teacher, reward, ev, sig_T, cfg)
+        lat_T0 = dist.gather_strided(lat_T, n_ev)   # this rank's rows -> the whole set, on every rank
         summary["reward_teacher"] = ev_T["reward"]
         ev0, lat0 = evaluate(backend, net, reward, ev, sig_S, cfg)
         summary["reward_student_init"] = ev0["reward"]
-        summary["dist_to_teacher_init"] = float(dist.gather_strided(shaping_distance(lat0, lat_T0), n_ev).mean())
+        summary["dist_to_teacher_init"] = distance_to(lat0, lat_T0)
         if backend.media == "points":
             summary.update({f"{k}_init": v for k, v in
                             point_metrics(backend, net, base, sig_S, sig_T, ev, lat0, cfg, lat_T0).items()})
         net.train()
-    lat_T0_all = None if lat_T0 is None else dist.gather_strided(lat_T0, n_ev)   # every rank's rows, for checkpoints
 
     def snapshot():
         return {"net": detached(trained_tensors(net)),   # the trained tensors only (LoRA: not the frozen base)
                 "opt": opt_.state_dict(), "ema": ema.state_dict(), "gap_norm": normalizer.state_dict(),
-                "summary": summary, "lat_T0": lat_T0_all}
+                "summary": summary, "lat_T0": lat_T0}
 
     grad_mode = cfg.reward_grad_steps if cfg.reward_grad_steps > 0 else "all"
     B, A = cfg.batch_size, cfg.grad_accum
@@ -394,7 +395,7 @@ def final_eval(backend, net, teacher, base, reward, ev, sig_S, sig_T, cfg: Confi
             save_samples(save_dir, everything, backend.target(0) if hasattr(backend, "target") else None)
     out = {"reward_student": ev_S["reward"], **{f"{k}_student": v for k, v in ev_S.items() if k != "reward"}}
     if lat_T0 is not None:
-        out["dist_to_teacher"] = float(dist.gather_strided(shaping_distance(lat, lat_T0), ev[2].shape[0]).mean())
+        out["dist_to_teacher"] = distance_to(lat, lat_T0)
     with as_teacher():
         out["reward_teacher_ema"] = evaluate(backend, teacher, reward, ev, sig_T, cfg)[0]["reward"]
     for k in cfg.eval_nfe:
@@ -403,6 +404,13 @@ def final_eval(backend, net, teacher, base, reward, ev, sig_S, sig_T, cfg: Confi
     if backend.media == "points":
         out.update(point_metrics(backend, net, base, sig_S, sig_T, ev, lat, cfg, lat_T0))
     return out
+
+
+def distance_to(lat: torch.Tensor, lat_T0: torch.Tensor) -> float:
+    """Mean shaping distance (1 - cos + MSE) between this rank's rows of a model's eval samples, lat, and the same
+    rows of the base teacher's (lat_T0: the whole set), over every rank's rows."""
+    n = lat_T0.shape[0]
+    return float(dist.gather_strided(shaping_distance(lat, lat_T0[dist.strided_rows(n)]), n).mean())
 
 
 def detached_inputs(vf):

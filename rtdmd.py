@@ -63,7 +63,7 @@ from common.rewards import build_reward
 from common.rl import clip_fraction, clipped_surrogate
 from common.runs import Run
 from common.train import (EMA, autocast, clip_grad, detached, load_trained, make_optimizer, seed_everything,
-                          trained_tensors)
+                          set_hyperparameters, trained_tensors)
 
 
 @dataclass
@@ -497,9 +497,7 @@ def main(cfg: Config):
 
         # ================================ STAGE 2: RTDMD ================================
         if run_stage2:
-            for group in opt_gen.param_groups:   # the decay on make_optimizer's decayed group (2+ dims) only
-                group["lr"] = cfg.lr2
-                group["weight_decay"] = cfg.weight_decay2 if group["params"][0].ndim >= 2 else 0.0  # biases, norms: 0
+            set_hyperparameters(opt_gen, cfg.lr2, cfg.weight_decay2)   # decay on matrices only (make_optimizer)
             ema = EMA(gen_params, decay=cfg.ema_decay)    # a fresh stage-2 EMA (the snapshot saves this one)
             if state and resumed_at > n1:                   # resumed inside stage 2: that EMA, not a fresh one
                 ema.load_state_dict(state["ema"])

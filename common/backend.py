@@ -218,7 +218,8 @@ class Backend(abc.ABC):
         yield ref
 
     def keep_reference(self, net: nn.Module) -> None:
-        """Freeze a copy of the current weights as the reference policy (full fine-tuning only)."""
+        """Make reference(net) available: freeze a copy of the current weights as the reference policy (full
+        fine-tuning). LoRA families override it to keep nothing where the adapter can simply be disabled."""
         self.reference_net = self.frozen_copy(net)
 
     def velocity_fn(self, net: nn.Module, cond: Cond, guidance: float | None = None):

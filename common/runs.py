@@ -81,6 +81,14 @@ def set_rng_state(s: dict[str, Any]) -> None:
 
 
 # ----- checkpoint files ------------------------------------------------------------------------------------
+def _write_text_atomic(path: str, text: str) -> None:
+    """A small text file (config.json, summary.json, metrics.jsonl cut back) written to path.tmp, then renamed over
+    path: a reader (another rank parsing config.json under torchrun --resume) never sees it truncated."""
+    with open(path + ".tmp", "w") as fh:
+        fh.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def atomic_save(obj: Any, path: str) -> None:
     """torch.save to a temporary file in the same folder, fsync, then os.replace: a crash at any moment leaves
     either the old file or the new one, never a torn file (rename is atomic within one filesystem)."""
@@ -213,12 +221,8 @@ class Run:
             for f in os.listdir(self.ckpt_dir):  # temporary files of a process killed mid-write
                 if f.startswith(".") and ".tmp" in f:
                     os.remove(os.path.join(self.ckpt_dir, f))
-            # atomically: under torchrun --resume every rank reads this file while parsing its flags, maybe
-            # while rank 0 rewrites it here; a reader must never see it truncated
-            tmp = os.path.join(out, "config.json.tmp")
-            with open(tmp, "w") as fh:
-                json.dump(to_dict(cfg), fh, indent=2)
-            os.replace(tmp, os.path.join(out, "config.json"))
+            # atomically: under torchrun --resume every rank reads this file while parsing its flags
+            _write_text_atomic(os.path.join(out, "config.json"), json.dumps(to_dict(cfg), indent=2))
             print(f"[{method}] run directory {out}\nconfig " + json.dumps(to_dict(cfg)), flush=True)
             self._open_loggers()
         dist.barrier()  # the directory exists (and holds no stale checkpoint) before any rank looks at it
@@ -342,9 +346,7 @@ class Run:
             return
         with open(path) as fh:
             keep = [ln for ln in fh if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        with open(path + ".tmp", "w") as fh:
-            fh.writelines(keep)
-        os.replace(path + ".tmp", path)
+        _write_text_atomic(path, "".join(keep))
 
     # ----- guards ----------------------------------------------------------------------------------------
     def check_finite(self, value: Any = None, what: str = "loss", **named: Any) -> None:
@@ -430,10 +432,7 @@ class Run:
     def _write_summary(self, summary: dict[str, Any], step: int) -> None:
         row = {"method": self.method, "step": step, "time": time.perf_counter() - self._t0,
                "peak_mem_mb": max(self._read_peak(), self._peak_mb), **_to_json(summary)}
-        tmp = os.path.join(self.out, "summary.json.tmp")
-        with open(tmp, "w") as fh:
-            json.dump(row, fh, indent=2)
-        os.replace(tmp, os.path.join(self.out, "summary.json"))
+        _write_text_atomic(os.path.join(self.out, "summary.json"), json.dumps(row, indent=2))
 
     def _close(self) -> None:
         if self._bar is not None:

@@ -59,9 +59,22 @@ def make_optimizer(params: nn.Module | Iterable[nn.Parameter], lr: float, weight
     foreach=True (torch's default on CUDA, not on CPU): one multi-tensor op per update stage instead of a python loop
     over tensors, the same values bit for bit; a LoRA has hundreds of small tensors."""
     ps = [p for p in _params(params) if p.requires_grad]
-    groups = [{"params": [p for p in ps if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in ps if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [{"params": [p for p in ps if _decays(p)], "weight_decay": weight_decay},
+              {"params": [p for p in ps if not _decays(p)], "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps, foreach=True)
+
+
+def _decays(p: torch.Tensor) -> bool:
+    """make_optimizer's rule: weight decay on matrices and convolutions (2+ dims), never on biases and norm scales."""
+    return p.ndim >= 2
+
+
+def set_hyperparameters(opt: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    """New lr and weight decay for an optimizer from make_optimizer (e.g. RTDMD's stage 2), its moments kept; the
+    decay only on the group that make_optimizer decays."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+        group["weight_decay"] = weight_decay if _decays(group["params"][0]) else 0.0
 
 
 def clip_grad(params: nn.Module | Iterable[torch.Tensor], max_norm: float | None) -> torch.Tensor:

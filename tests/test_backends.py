@@ -247,6 +247,8 @@ def test_frozen_copy_and_full_finetune_reference():
     torch.testing.assert_close(be.velocity(cp, x, 0.5, cond), v0)     # the copy does not follow the adapter
     assert be.fsdp_blocks() == [*be.network.transformer_blocks, *be.network.single_transformer_blocks]
 
+    be.keep_reference(be.network)      # with the adapter nothing is copied: reference() disables it
+    assert getattr(be, "reference_net", None) is None
     ff = SD3Backend(tiny=True, full_finetune=True)
     assert all(p.requires_grad for p in ff.network.parameters())
     with pytest.raises(RuntimeError):

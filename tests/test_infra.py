@@ -285,14 +285,14 @@ def test_config_json_is_never_seen_truncated(tmp_path, monkeypatch):
     out = str(tmp_path / "run")
     assert run_script(["--steps", "1", "--save-every", "1", "--out", out])[0] == 0
     seen = []
-    real_dump = runs_mod.json.dump
 
-    def dump(obj, fh, **kw):     # another rank reading the file while it is being written
-        if getattr(fh, "name", "").endswith(("config.json", "config.json.tmp")):
+    def opener(path, mode="r", *args, **kw):     # another rank reading the file once it is opened for writing
+        fh = open(path, mode, *args, **kw)
+        if "w" in mode and str(path).endswith(("config.json", "config.json.tmp")):
             with open(os.path.join(out, "config.json")) as other:
                 seen.append(json.load(other)["steps"])
-        return real_dump(obj, fh, **kw)
-    monkeypatch.setattr(runs_mod.json, "dump", dump)
+        return fh
+    monkeypatch.setattr(runs_mod, "open", opener, raising=False)
     assert run_script(["--resume", out, "--steps", "2"])[0] == 0
     assert seen == [1]
     with open(os.path.join(out, "config.json")) as fh:

@@ -429,6 +429,11 @@ class DiffusersBackend(Backend):
         with switched_adapter(models, None):
             yield net
 
+    def keep_reference(self, net: nn.Module) -> None:
+        """With the LoRA adapter nothing to keep (reference() disables it); with --full-finetune a frozen copy."""
+        if not self.has_lora(net):
+            super().keep_reference(net)
+
     def has_lora(self, net: nn.Module) -> bool:
         """True when every transformer in net carries the LoRA adapter (False with --full-finetune)."""
         return all(has_adapter(m) for m in diffusers_models(net))
