@@ -24,6 +24,11 @@ Design choices (documented here once):
     fake score). peft's set_adapter / enable_adapters also flip requires_grad (the active adapter trainable, the
     others frozen), so reference() and use_adapter() switch the adapter only and give every requires_grad flag
     back as it was, inside the block and after it (else a second adapter would stop training, silently).
+  * A teacher that is not the generator's own model (teacher_pretrained; RTDMD's FLUX.2 klein-base beside the
+    distilled klein generator) is a second checkpoint of the family: load_network reads its transformer(s) only,
+    through the same load_pipeline (networks_only), and keeps it as self.teacher_net, frozen; --tiny builds it as a
+    twin of other weights. Settings that differ between the two checkpoints (FLUX.2's true CFG) are read per
+    network, never from the backend alone.
   * save_lora(dir) writes the diffusers LoRA format (pytorch_lora_weights.safetensors with the adapter's
     rank/alpha metadata), so `Pipeline.load_lora_weights(dir)` takes a trained result.
 """
