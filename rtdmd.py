@@ -17,13 +17,10 @@ transformer and the teacher its base (adapters off) instead of two deep copies: 
 rank-32 adapters) the three networks hold 24.2 GB instead of 72.0 GB (47.8 GB of bf16 weights fewer, so RTDMD fits
 an 80 GB GPU), with the same losses and gradients (tests/test_rtdmd_lora.py). Checkpoints hold the trained tensors
 only (on FLUX.1 the adapters: 0.6 GB where the three full state dicts were 72 GB) and the script's random streams.
-The teacher is the generator's own model, except with `--teacher-pretrained` (the flux2 preset, spec decision 14):
-the generator starts from the step-distilled FLUX.2-klein-4B (--pretrained), the teacher and the fake score from
-FLUX.2-klein-base-4B, loaded beside it by the backend (transformer only; the text encoder and VAE are shared). The
-base teacher runs true CFG at --cfg-scale 4 with the empty prompt, the distilled generator and the fake none (decided
-per network, common/backends/flux2.py); a --cfg-scale that the teacher would ignore is a one-line error. With
---fake-copy adapter that is two transformers: the generator's with its adapter, and klein-base carrying the fake's
-adapter (off for the teacher's calls); build_models lists every layout. --tiny builds a base twin of other weights.
+The teacher is the generator's own model, except with `--teacher-pretrained` (the flux2 preset, spec decision 14): the
+step-distilled FLUX.2-klein-4B generator, the teacher and fake from FLUX.2-klein-base-4B (true CFG at --cfg-scale 4
+with the empty prompt, decided per network; a scale the teacher would ignore is a one-line error); build_models has
+the layouts (adapter mode: two transformers), --tiny a base twin of other weights.
 
 Simplifications against the official code (shared/spec/rtdmd.md): data parallel only (under torchrun each rank holds the
 networks, draws its own --batch / --groups, and every optimiser step uses the gradients averaged over ranks; no FSDP),
