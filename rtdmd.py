@@ -17,6 +17,10 @@ transformer and the teacher its base (adapters off) instead of two deep copies: 
 rank-32 adapters) the three networks hold 24.2 GB instead of 72.0 GB (47.8 GB of bf16 weights fewer, so RTDMD fits
 an 80 GB GPU), with the same losses and gradients (tests/test_rtdmd_lora.py). Checkpoints hold the trained tensors
 only (on FLUX.1 the adapters: 0.6 GB where the three full state dicts were 72 GB) and the script's random streams.
+The teacher is the generator's own model, except with `--teacher-pretrained` (the flux2 preset, spec decision 14): the
+step-distilled FLUX.2-klein-4B generator, the teacher and fake from FLUX.2-klein-base-4B (true CFG at --cfg-scale 4
+with the empty prompt, decided per network; a scale the teacher would ignore is a one-line error); build_models has
+the layouts (adapter mode: two transformers), --tiny a base twin of other weights.
 
 Simplifications against the official code (shared/spec/rtdmd.md): data parallel only (under torchrun each rank holds the
 networks, draws its own --batch / --groups, and every optimiser step uses the gradients averaged over ranks; no FSDP),
@@ -36,6 +40,9 @@ On a backend with fewer prompts than groups, groups of one prompt get distinct s
 
     python rtdmd.py                                                  # toy2d, both stages, ~25 s on 2 CPU cores
     python rtdmd.py --teacher sd3 --stage all --pretrained stabilityai/stable-diffusion-3.5-medium --reward pickscore
+    python rtdmd.py --teacher flux2 --tiny --steps 2 --epochs 1 --reward clip      # two-model path on tiny twins, CPU
+    python rtdmd.py --teacher flux2 --stage 1 --pretrained /models/FLUX.2-klein-4B \
+        --teacher-pretrained /models/FLUX.2-klein-base-4B                          # the preset's hub ids, local copies
     torchrun --nproc_per_node 8 rtdmd.py --teacher flux2 --stage 2 --init runs/rtdmd-flux2-stage1
 """
 from __future__ import annotations
@@ -73,6 +80,9 @@ class Config(RunConfig):
     stage: Literal["1", "2", "all"] = opt("all", "1 = AC-DMD, 2 = RTDMD fine-tune, all = both")
     tiny: bool = opt(False, "tiny random model (offline, CPU)")
     pretrained: str = opt("", "hub id or local diffusers directory ('' = the backend's default)")
+    teacher_pretrained: str = opt("", "teacher (real score) and fake score init: hub id or local diffusers directory "
+                                      "of the same family and size ('' = the generator's own model; flux2 preset: "
+                                      "FLUX.2-klein-base-4B, with a klein-9B generator pass klein-base-9B)")
     toy_teacher: str = opt("", "toy2d only: exact (the mixture velocity) or learned (the net) teacher")
     timesteps: list[int] = opt([1000, 750, 500, 250], "generator raw timesteps (then the backbone's shift)")
     eta: float = opt(0.9, "CPS noise level eta (0 = Euler, 1 = DMD2 re-noise)", min=0, max=1)
@@ -137,9 +147,11 @@ PRESETS = {
     "sd3": {"batch": 9, "lr": 3e-5, "fake_lr": 3e-5, "cfg_scale": 4.5, "groups": 2, "group_size": 24,
             "reward": "clip:1,pickscore:1,hps:1", "steps": 15000, "epochs": 1000, "precision": "bf16",
             "fake_copy": "adapter"},
+    # flux2 (spec decision 14): the generator starts from the step-distilled klein-4B (the backend's default), the
+    # teacher and the fake from klein-base-4B, whose true CFG 4.0 with the empty prompt is the teacher's guidance
     "flux2": {"batch": 6, "lr": 1e-6, "fake_lr": 1e-6, "cfg_scale": 4.0, "groups": 4, "group_size": 24,
               "reward": "clip:1,pickscore:1,hps:1", "steps": 15000, "epochs": 1000, "precision": "bf16",
-              "fake_copy": "adapter"},
+              "fake_copy": "adapter", "teacher_pretrained": "black-forest-labs/FLUX.2-klein-base-4B"},
     "flux": {"batch": 3, "lr": 1e-6, "fake_lr": 1e-6, "cfg_scale": 3.5, "groups": 2, "group_size": 24, "gamma2": 0.0,
              "reward": "clip:1,pickscore:1,hps:1", "steps": 15000, "epochs": 1000, "precision": "bf16",
              "fake_copy": "adapter"},
@@ -159,16 +171,21 @@ def checks(cfg: Config) -> str | None:
         return f"--sub-steps {cfg.sub_steps} exceeds the {len(ts) - 1} stochastic steps of --timesteps"
     if cfg.init and cfg.stage != "2":   # stage 1 would start from (and its EMA from) before the loaded weights
         return f"--init loads a stage-1 run to start stage 2 from: use it with --stage 2 (got --stage {cfg.stage})"
+    if cfg.teacher_pretrained and cfg.teacher in ("toy2d", "dit"):
+        return (f"--teacher-pretrained loads a diffusers checkpoint (flux, wan, sd3, flux2); the {cfg.teacher} "
+                f"teacher is the generator's own model: pass --teacher-pretrained ''")
     return None
 
 
 @dataclass
 class Models:
     """RTDMD's three networks and how each is called. gen is trained; fake (trained) and teacher (frozen) are
-    separate modules with --fake-copy full, the generator's own module with --fake-copy adapter, where every call
-    of theirs (the fake's backward included) must run inside fake_ctx() / teacher_ctx() (nullcontext otherwise).
-    gen_named / fake_named: the trained tensors, keyed by their path in a separate copy of the network (the
-    checkpoint keys, the same in both modes)."""
+    separate modules with --fake-copy full; with --fake-copy adapter they share one module (the generator's, or the
+    teacher checkpoint's), where every call of theirs (the fake's backward included) must run inside fake_ctx() /
+    teacher_ctx() (nullcontext otherwise). gen_named / fake_named: the trained tensors, keyed by their path in a
+    separate copy of the network (the checkpoint keys, the same in both modes). fake_from_gen: the fake starts as
+    the generator (the teacher is the generator's own model), so --eval-only can sample the trained generator in the
+    fake's place."""
     gen: torch.nn.Module
     fake: torch.nn.Module
     teacher: torch.nn.Module
@@ -176,25 +193,50 @@ class Models:
     teacher_ctx: Callable[[], ContextManager]
     gen_named: dict[str, torch.Tensor]
     fake_named: dict[str, torch.Tensor]
+    fake_from_gen: bool = True
 
 
 def build_models(backend, mode: str) -> Models:
-    """The generator (backend.network), the fake score and the teacher (real score), both equal to the generator
-    at the start. full: the fake is a deep copy (trained), the teacher the backend's exact one (toy) or a frozen
-    deep copy. adapter: the fake is a copy of the generator's LoRA adapter as a second adapter on the same
-    transformer, the teacher the base model (backend.reference: adapters off), which is what the frozen copy of
-    the starting generator is (its adapter starts at zero) and stays with --init (the stage-1 adapter is loaded
-    into the generator afterwards; the teacher is the base in both modes). A backend without LoRA: ConfigError."""
+    """The generator (backend.network), the fake score and the teacher (real score).
+
+    The teacher is the generator's own model (--teacher-pretrained '', every preset but flux2), or the checkpoint
+    that the backend loaded beside it as backend.teacher_net (backend.teacher_pretrained: FLUX.2's klein-base beside
+    the step-distilled klein generator, spec decision 14); the fake starts as the teacher either way (with a copy of
+    the generator's starting LoRA adapter, which is zero). Layouts:
+      own model, full:        gen; fake = deep copy of gen (trained); teacher = the backend's exact one (toy) or a
+                              frozen deep copy of gen: three networks
+      own model, adapter:     ONE transformer: gen's, with its adapter (gen), a second adapter (fake), and adapters
+                              off (teacher): the frozen copy of the starting generator is its base (its adapter
+                              starts at zero), also after --init (the stage-1 adapter is loaded into gen afterwards)
+      teacher ckpt, full:     gen; teacher = backend.teacher_net (frozen); fake = deep copy of it, trained (its LoRA
+                              adapter, or every weight with --full-finetune): three networks
+      teacher ckpt, adapter:  TWO transformers: gen's with its adapter (gen), and the teacher's with the fake's adapter
+                              (fake) and adapters off (teacher)
+    adapter mode needs a LoRA generator (else ConfigError)."""
     gen = backend.network
+    lora = hasattr(backend, "use_adapter") and backend.has_lora(gen)
+    if mode == "adapter" and not lora:
+        raise ConfigError(f"--fake-copy adapter needs a LoRA backend (flux, wan, sd3, flux2 without full "
+                          f"fine-tuning); {backend.name} has none: use --fake-copy full")
+    null = contextlib.nullcontext
+    if getattr(backend, "teacher_pretrained", None):    # a teacher checkpoint of its own: the fake starts from it
+        teacher = backend.teacher_net
+        fake = copy.deepcopy(teacher).train() if mode == "full" else teacher
+        if lora:
+            from common.backends.base import ADAPTER
+            backend.add_adapter_copy(fake, ADAPTER, source_net=gen)
+        else:
+            fake.requires_grad_(True)
+        if mode == "full":
+            return Models(gen, fake, teacher, null, null, trained_tensors(gen), trained_tensors(fake), False)
+        return Models(gen, fake, teacher, lambda: calls_as(fake, "fake"),
+                      lambda: _both(backend.reference(teacher), calls_as(teacher, "teacher")), trained_tensors(gen),
+                      trained_tensors(fake), False)
     if mode == "full":
         fake = copy.deepcopy(gen).train()
         teacher = getattr(backend, "teacher_net", None)
         teacher = backend.frozen_copy(gen) if teacher is None or teacher is gen else teacher
-        null = contextlib.nullcontext
         return Models(gen, fake, teacher, null, null, trained_tensors(gen), trained_tensors(fake))
-    if not (hasattr(backend, "use_adapter") and backend.has_lora(gen)):
-        raise ConfigError(f"--fake-copy adapter needs a LoRA backend (flux, wan, sd3, flux2 without full "
-                          f"fine-tuning); {backend.name} has none: use --fake-copy full")
     from common.backends.base import ADAPTER
     gen_named = trained_tensors(gen)     # the generator's adapter, before the fake's exists
     backend.add_adapter_copy(gen, FAKE_ADAPTER, source=ADAPTER)
@@ -285,21 +327,32 @@ def eval_only(cfg: Config, backend, models: Models, reward, tilt) -> dict:
     --out). On the toy, the binned KL of each to the teacher and to p_tilt is added. The fake score is not used
     here, so it holds the trained generator: its tensors mirror the generator's (Models.gen_named / fake_named
     share their keys) and in adapter mode it is a second adapter on the same transformer, so the evaluation needs
-    no further copy of the model (FLUX.1: 24 GB)."""
+    no further copy of the model (FLUX.1: 24 GB). With a teacher checkpoint of its own (the fake sits on the
+    teacher's model) the trained generator goes into the generator, and the base generator is its adapters-off
+    reference (a frozen copy without LoRA)."""
     from common.evaluate import Sampler, eval_table
     from common.runs import load_checkpoint
     dev = backend.device
     for net in (models.gen, models.fake, models.teacher):
         net.eval()      # evaluation (the fake starts in train mode; no network here has dropout)
-    samplers = {"teacher (N=50, Euler)": Sampler(models.teacher, backend.sigmas(50), context=models.teacher_ctx)}
+    samplers = {"teacher (N=50, Euler)": Sampler(models.teacher, backend.sigmas(50), guidance=cfg.cfg_scale,
+                                                 context=models.teacher_ctx)}
+    base, base_ctx, trained, trained_ctx = models.gen, None, models.fake, models.fake_ctx
     if cfg.ckpt:
         ckpt = load_checkpoint(cfg.ckpt, map_location=dev, method="rtdmd", needs=("gen_ema",))
-        load_trained(models.fake_named, ckpt["state"]["gen_ema"], f"--ckpt {cfg.ckpt}")
+        if not models.fake_from_gen:
+            trained, trained_ctx = models.gen, None
+            if backend.has_lora(models.gen):
+                base_ctx = lambda: backend.reference(models.gen)
+            else:
+                base = backend.frozen_copy(models.gen)
+        load_trained(models.fake_named if models.fake_from_gen else models.gen_named, ckpt["state"]["gen_ema"],
+                     f"--ckpt {cfg.ckpt}")
     for k in cfg.eval_nfe:   # at K = len(--timesteps): the grid RTDMD trained on (--timesteps was ignored here)
         grid = backend.sigmas(k, timesteps=cfg.timesteps if k == len(cfg.timesteps) else None)
-        samplers[f"base generator (K={k})"] = Sampler(models.gen, grid, "cps", cfg.eta, 1.0)
+        samplers[f"base generator (K={k})"] = Sampler(base, grid, "cps", cfg.eta, 1.0, context=base_ctx)
         if cfg.ckpt:
-            samplers[f"RTDMD (K={k})"] = Sampler(models.fake, grid, "cps", cfg.eta, 1.0, context=models.fake_ctx)
+            samplers[f"RTDMD (K={k})"] = Sampler(trained, grid, "cps", cfg.eta, 1.0, context=trained_ctx)
     extra = None
     if tilt is not None:
         from toy.metrics import kl_histogram
@@ -329,12 +382,18 @@ def main(cfg: Config):
         torch.set_num_threads(1)   # the toy is latency-bound: extra intra-op threads only spin on a shared CPU
     backend = get_backend(cfg.teacher, tiny=cfg.tiny, seed=cfg.seed, device=device,
                           **({"teacher": cfg.toy_teacher} if cfg.toy_teacher else {}),
-                          **({"pretrained": cfg.pretrained} if cfg.pretrained else {}))
+                          **({"pretrained": cfg.pretrained} if cfg.pretrained else {}),
+                          **({"teacher_pretrained": cfg.teacher_pretrained} if cfg.teacher_pretrained else {}))
     dev = backend.device
     extra = dict(kv.split("=", 1) for kv in cfg.reward_opts.split(",") if "=" in kv)
     reward = build_reward(cfg.reward, device=dev, tiny=cfg.tiny, **extra)
     # ----- models: generator (trained), fake score (trained, starts as a copy), teacher = real score (frozen) -----
     models = build_models(backend, cfg.fake_copy)
+    if cfg.cfg_scale != 1 and not backend.guidance_applies(models.teacher):   # never dropped without a word
+        raise ConfigError(f"--cfg-scale {cfg.cfg_scale:g} would be ignored: the {backend.name} teacher "
+                          f"({cfg.teacher_pretrained or getattr(backend, 'pretrained', None) or 'the generator'}) "
+                          f"takes no guidance (step-distilled?): pass --cfg-scale 1, or a base checkpoint with "
+                          f"--teacher-pretrained")
     gen, fake, teacher, fake_ctx, teacher_ctx = (models.gen, models.fake, models.teacher, models.fake_ctx,
                                                  models.teacher_ctx)
     gen_params, fake_params = list(models.gen_named.values()), list(models.fake_named.values())

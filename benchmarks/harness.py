@@ -3,8 +3,9 @@
 One measurement = one call of a script's main(cfg) with the config its own parser builds from `argv`, while:
   * common.backend.get_backend is wrapped (in common.backend and in the script's namespace) so that the backend
     object is captured, its velocity() is wrapped per instance (every network call recorded: role, grad mode,
-    batch size, inputs) and a forward hook is put on its network (and the toy's exact teacher) so that network
-    forwards that do not go through velocity() would show up as a mismatch (`unaccounted_forwards`);
+    batch size, inputs) and a forward hook is put on its network (and its teacher_net: the toy's exact teacher, a
+    teacher checkpoint loaded beside the generator) so that network forwards that do not go through velocity()
+    would show up as a mismatch (`unaccounted_forwards`);
   * common.runs.Run.log is wrapped to mark the step boundaries (every script calls run.log once per training step);
   * the script's evaluation functions are wrapped so that their network calls and their time are set apart
     (an evaluation inside a step, e.g. --eval-every or RTDMD's periodic toy KL, is not training cost).

@@ -181,6 +181,12 @@ class Backend(abc.ABC):
         Wan 2.2 one per expert that the rows' sigmas reach. The benchmark harness checks forwards against it."""
         return 1
 
+    def guidance_applies(self, net: nn.Module) -> bool:
+        """Whether velocity(net, ..., guidance=g) acts on g != 1 (CFG or an embedded guidance scale). False where the
+        family ignores g for this network (a step-distilled FLUX.2 klein, FLUX.1 without a guidance embedding, the
+        toy without classes): a script that was asked for guidance there must say so instead of dropping it."""
+        return True
+
     def prompts(self, split: str = "train") -> list[str]:
         """The built-in prompt list for smoke runs (split 'train' or 'eval'); the toy returns its class names.
         Real prompt files (HPDv2, DrawBench, ...) are loaded by the scripts' --prompts flag instead."""

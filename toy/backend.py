@@ -258,6 +258,10 @@ class Toy2DBackend(Backend):
             return int(num)
         raise ValueError(f"unknown toy2d prompt {prompt!r}; the prompts are {', '.join(self.prompts())}")
 
+    def guidance_applies(self, net: nn.Module) -> bool:
+        """CFG needs classes: with one (the default datasets) velocity ignores the guidance scale."""
+        return self.num_classes > 1
+
     def velocity(self, net: nn.Module, x: torch.Tensor, sigma, cond: Cond | None = None,
                  guidance: float | None = None) -> torch.Tensor:
         """v(x, sigma | label), float32 (B, 2). sigma: scalar or (B,); cond None means label 0, and a batch-1 cond is

@@ -24,6 +24,11 @@ Design choices (documented here once):
     fake score). peft's set_adapter / enable_adapters also flip requires_grad (the active adapter trainable, the
     others frozen), so reference() and use_adapter() switch the adapter only and give every requires_grad flag
     back as it was, inside the block and after it (else a second adapter would stop training, silently).
+  * A teacher that is not the generator's own model (teacher_pretrained; RTDMD's FLUX.2 klein-base beside the
+    distilled klein generator) is a second checkpoint of the family: load_network reads its transformer(s) only,
+    through the same load_pipeline (networks_only), and keeps it as self.teacher_net, frozen; --tiny builds it as a
+    twin of other weights. Settings that differ between the two checkpoints (FLUX.2's true CFG) are read per
+    network, never from the backend alone.
   * save_lora(dir) writes the diffusers LoRA format (pytorch_lora_weights.safetensors with the adapter's
     rank/alpha metadata), so `Pipeline.load_lora_weights(dir)` takes a trained result.
 """
@@ -199,6 +204,9 @@ class DiffusersBackend(Backend):
     shift        override of the schedule's shift (static); max_sequence_length: text tokens
     offload_text_encoders   move text encoders to the CPU after encoding (default: on CUDA only)
     negative_prompt   the unconditional prompt for true CFG (default "")
+    teacher_pretrained   another checkpoint of the family loaded beside the generator as self.teacher_net (frozen,
+                 transformer only: load_network), for a teacher that is not the generator's own model (RTDMD on
+                 FLUX.2: klein-base beside the step-distilled klein); None: self.teacher_net is None
     """
 
     media = "image"
@@ -219,7 +227,7 @@ class DiffusersBackend(Backend):
                  num_frames: int | None = None, guidance: float | None = None, gradient_checkpointing: bool = False,
                  shift: float | None = None, max_sequence_length: int | None = None,
                  offload_text_encoders: bool | None = None, negative_prompt: str = "", seed: int = 0,
-                 **family_options: Any):
+                 teacher_pretrained: str | None = None, **family_options: Any):
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dev = torch.device(device)
@@ -248,6 +256,7 @@ class DiffusersBackend(Backend):
         self.pretrained = pretrained or self.default_pretrained
         self._embed_cache: dict[str, dict[str, torch.Tensor]] = {}
 
+        self.gradient_checkpointing = bool(gradient_checkpointing)
         self.pipe = self._tiny_pipeline(seed) if self.tiny else self.load_pipeline(self.pretrained, self.dtype)
         self._place_modules()
         self.network = self._make_network()
@@ -266,60 +275,100 @@ class DiffusersBackend(Backend):
         self._check_size()
         self.latent_shape = tuple(self._latent_shape())
         self.shift = float(shift if shift is not None else self._default_shift())
+        self.teacher_pretrained = teacher_pretrained or None
+        self.teacher_net = self.load_network(teacher_pretrained, seed=seed + 1) if teacher_pretrained else None
 
     # ----- loading ----------------------------------------------------------------------------------
     def _setup_defaults(self) -> None:
         """Family hook run before sizes are read (tiny defaults)."""
 
-    def _tiny_pipeline(self, seed: int):
+    def _tiny_pipeline(self, seed: int, twin: bool = False):
         """Build the tiny pipeline, save it, and load it back through load_pipeline (the production path).
+        twin: load_network's teacher twin (other weights from `seed`, the global random stream left as it was;
+        only its transformer(s) are loaded back).
 
         Under torch.distributed the round trip is skipped (every rank builds the same seeded pipeline): the
         transformers models' save_pretrained writes files on rank 0 only, so other ranks would find none."""
         from common.backends.tiny import tiny_pipeline
-        pipe = tiny_pipeline(self.name, seed=seed, **self._tiny_kwargs())
+        with torch.random.fork_rng(devices=[], enabled=twin):
+            pipe = tiny_pipeline(self.name, seed=seed, **self._tiny_kwargs(twin))
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             pipe.set_progress_bar_config(disable=True)
             return pipe.to(dtype=self.dtype)
         tmp = tempfile.mkdtemp(prefix=f"tiny-{self.name}-")
         try:
             pipe.save_pretrained(tmp)
-            return self.load_pipeline(tmp, self.dtype)
+            return self.load_pipeline(tmp, self.dtype, networks_only=twin)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def _tiny_kwargs(self) -> dict:
+    def _tiny_kwargs(self, twin: bool = False) -> dict:
+        """The family's tiny-builder options (twin: those of load_network's teacher twin)."""
         return {}
 
-    def load_pipeline(self, pretrained: str, dtype: torch.dtype):
-        """`<PipelineClass>.from_pretrained(pretrained, torch_dtype=dtype)`: hub id or local folder.
+    def load_pipeline(self, pretrained: str, dtype: torch.dtype, flag: str = "--pretrained",
+                      networks_only: bool = False):
+        """`<PipelineClass>.from_pretrained(pretrained, torch_dtype=dtype)`: hub id or local folder. networks_only:
+        the transformer(s) alone (every other component None, not read: load_network's second checkpoint).
 
         A missing or incomplete download raises BackendError with one line saying what to fetch and where to
-        point --pretrained; HF_HUB_OFFLINE=1 (honoured by huggingface_hub itself) makes that immediate."""
+        point `flag` (the command-line flag that named the checkpoint); HF_HUB_OFFLINE=1 (honoured by
+        huggingface_hub itself) makes that immediate."""
         import diffusers
         from diffusers.utils import logging as dlog
         dlog.disable_progress_bar()
         cls = getattr(diffusers, self.pipeline_class)
         local = os.path.isdir(pretrained)
         if not local and (os.path.sep in pretrained and not pretrained.count("/") == 1 or pretrained.startswith(".")):
-            raise BackendError(f"--pretrained {pretrained!r}: no such folder")
+            raise BackendError(f"{flag} {pretrained!r}: no such folder")
+        skip = {n: None for n in cls._get_signature_keys(cls)[0] if not n.startswith("transformer")} \
+            if networks_only else {}
         verbosity = dlog.get_verbosity()
         if not local:   # a missing download is our one line below, not diffusers' "Couldn't connect ..." warnings
             dlog.set_verbosity_error()
         try:
-            pipe = cls.from_pretrained(pretrained, dtype=dtype)
+            pipe = cls.from_pretrained(pretrained, dtype=dtype, **skip)
         except (OSError, ValueError, EnvironmentError) as e:
             where = "the local folder" if local else ("the hub cache (HF_HUB_OFFLINE=1 is set)" if hub_offline()
                                                       else "the hub")
             why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            # a hub id: that one; a local folder: the family's official checkpoint (the generator's flag) or the
+            # checkpoint the folder should hold
+            hub_id = pretrained if not local else (self.default_pretrained if flag == "--pretrained" else "HUB_ID")
             raise BackendError(
                 f"cannot load {self.name} weights from {where} {pretrained!r} ({why}): download them with "
-                f"`huggingface-cli download {self.default_pretrained} --local-dir DIR`{self.download_hint} and pass "
-                f"--pretrained DIR") from None
+                f"`huggingface-cli download {hub_id} --local-dir DIR`{self.download_hint} and pass "
+                f"{flag} DIR") from None
         finally:
             dlog.set_verbosity(verbosity)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def load_network(self, pretrained: str, seed: int = 1, flag: str = "--teacher-pretrained") -> nn.Module:
+        """Another checkpoint of this family as a second network beside self.network: a teacher that is not the
+        generator's own model (RTDMD on FLUX.2: the klein-base teacher beside the step-distilled klein generator).
+        Only its transformer(s) are read, through load_pipeline (networks_only: the text encoders, tokenizers and
+        VAE stay the generator's, so both checkpoints must share them, as a klein and its klein-base do), by the
+        family's _network_of; on the training device, frozen, in eval mode, without an adapter, with gradient
+        checkpointing when the generator has it. --tiny: a twin of the tiny pipeline from `seed` (other weights,
+        the same config; a base model where the family has step-distilled ones), saved and loaded back the same
+        way. Every tensor must have the generator's name and shape, else BackendError (one line)."""
+        pipe = self._tiny_pipeline(seed, twin=True) if self.tiny else \
+            self.load_pipeline(pretrained, self.dtype, flag=flag, networks_only=True)
+        net = self._network_of(pipe)
+        for m in diffusers_models(net):
+            m.to(self.device)
+            m.requires_grad_(False)
+            m.eval()
+            if self.gradient_checkpointing:
+                m.enable_gradient_checkpointing()
+        mine = {n.replace(".base_layer", ""): p.shape for n, p in self.network.named_parameters() if "lora_" not in n}
+        theirs = {n: p.shape for n, p in net.named_parameters()}
+        bad = sorted(set(mine) ^ set(theirs)) or [n for n in mine if mine[n] != theirs[n]]
+        if bad:
+            raise BackendError(f"{flag} {pretrained!r}: its {self.name} transformer differs from the generator's "
+                               f"(e.g. {bad[0]}): pass a checkpoint of the same architecture and size as --pretrained")
+        return net
 
     def _place_modules(self) -> None:
         """Transformer(s) and VAE on the training device, frozen; text encoders wait on the CPU when offloading."""
@@ -338,7 +387,12 @@ class DiffusersBackend(Backend):
                 if getattr(self.pipe, n, None) is not None]
 
     def _make_network(self) -> nn.Module:
-        return self.pipe.transformer
+        """The generator: the network of the main pipeline (families also read their backend-wide settings here)."""
+        return self._network_of(self.pipe)
+
+    def _network_of(self, pipe) -> nn.Module:
+        """The network (what velocity() takes) of a pipeline of this family: its transformer by default."""
+        return pipe.transformer
 
     def _default_shift(self) -> float:
         cfg = self.pipe.scheduler.config
@@ -449,28 +503,34 @@ class DiffusersBackend(Backend):
                 out[path if key_as is None else rename_adapter_path(path, name, key_as)] = p
         return out
 
-    def add_adapter_copy(self, net: nn.Module, name: str, source: str = ADAPTER) -> dict[str, nn.Parameter]:
-        """A second LoRA adapter `name` on every transformer in net: source's config, a copy of source's current
-        values, float32 and trainable (like _add_adapter_to). The active adapter and the other parameters'
-        requires_grad flags are left as they were (source stays active). Returns adapter_parameters(net, name)."""
-        if name == source:
+    def add_adapter_copy(self, net: nn.Module, name: str, source: str = ADAPTER,
+                         source_net: nn.Module | None = None) -> dict[str, nn.Parameter]:
+        """A LoRA adapter `name` on every transformer in net with adapter `source`'s config and a copy of its current
+        values, float32 and trainable (like _add_adapter_to). source_net: where `source` lives (default net itself,
+        a second adapter; another network of the same architecture, e.g. the generator's adapter copied onto a
+        teacher checkpoint's transformer). The active adapter and the other parameters' requires_grad flags are left
+        as they were (on a transformer without adapters the copy is the active one). Returns
+        adapter_parameters(net, name)."""
+        source_net = net if source_net is None else source_net
+        if name == source and source_net is net:
             raise BackendError(f"adapter {name!r}: a copy needs a name of its own")
-        for m in diffusers_models(net):
-            if not (getattr(m, "_hf_peft_config_loaded", False) and source in m.peft_config):
+        for m, s in zip(diffusers_models(net), diffusers_models(source_net), strict=True):
+            if not (getattr(s, "_hf_peft_config_loaded", False) and source in s.peft_config):
                 raise BackendError(f"{self.name}: no LoRA adapter {source!r} to copy (trained with --full-finetune?)")
-            if name in m.peft_config:
+            if name in (getattr(m, "peft_config", None) or {}):
                 raise BackendError(f"{self.name}: adapter {name!r} exists already")
-            st = adapter_state(m)
+            st = adapter_state(m) if getattr(m, "_hf_peft_config_loaded", False) else None
             # peft draws the new adapter's gaussian init from the global stream: a copy must not move the run's draws
             devices = sorted({p.device.index or 0 for p in m.parameters() if p.device.type == "cuda"})
             with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")   # two adapters: the aim
-                m.add_adapter(copy.deepcopy(m.peft_config[source]), adapter_name=name)
-            restore_adapter_state(m, st)   # add_adapter activated the new adapter and froze the source
-            src = self.adapter_parameters(m, source)
+                m.add_adapter(copy.deepcopy(s.peft_config[source]), adapter_name=name)
+            if st is not None:
+                restore_adapter_state(m, st)   # add_adapter activated the new adapter and froze the source
+            src = self.adapter_parameters(s, source)
             with torch.no_grad():
                 for key, p in self.adapter_parameters(m, name, key_as=source).items():
-                    p.data = src[key].detach().clone().float()
+                    p.data = src[key].detach().to(p.device).clone().float()
                     p.requires_grad_(True)
         return self.adapter_parameters(net, name)
 

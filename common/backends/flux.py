@@ -61,6 +61,11 @@ class FluxBackend(DiffusersBackend):
             from common.backends.tiny import TINY_HEIGHT, TINY_MAX_SEQ, TINY_WIDTH
             self.default_size, self.default_max_seq = (TINY_HEIGHT, TINY_WIDTH), TINY_MAX_SEQ
 
+    def guidance_applies(self, net: nn.Module) -> bool:
+        """guidance is the embedded scale: ignored by a transformer without a guidance embedding (FLUX.1-schnell);
+        the true_cfg option has its own scale."""
+        return bool(net.config.guidance_embeds)
+
     # latent geometry: h, w of the unpacked VAE latent
     @property
     def latent_hw(self) -> tuple[int, int]:

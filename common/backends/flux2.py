@@ -1,6 +1,12 @@
 """FLUX.2 [klein] through diffusers (Flux2KleinPipeline: Qwen3 text encoder, Flux2 VAE with batch-norm latent
 statistics): true CFG for the base (non-distilled) models, none for the step-distilled ones; empirical mu.
 
+Which of the two a network is, is read per network (its pipeline's is_distilled, kept on the transformer as
+`step_distilled`), not per backend: RTDMD's generator is the step-distilled klein and its teacher the klein-base
+loaded beside it (teacher_pretrained, spec decision 14), so one backend drives one of each. velocity() runs true CFG
+with the negative (empty) prompt for a base network at guidance != 1 and never for a distilled one; the Cond carries
+the negative prompt's embeddings whenever one of the backend's networks takes true CFG.
+
 Latent layout: PATCHIFIED, (B, 4C, h/2, w/2): the VAE latent (C channels at h x w) with each 2x2 patch moved
 into channels and normalised by the VAE's batch-norm running statistics. That is the tensor the pipeline's
 `latents=` takes; the transformer sees it as (B, N, 4C) tokens (pack_tokens, a pure reshape), and decode
@@ -52,7 +58,8 @@ def text_ids(B: int, L: int, device=None) -> torch.Tensor:
 
 class Flux2Backend(DiffusersBackend):
     """FLUX.2 klein 4B (step-distilled, no CFG) by default; a base klein folder (is_distilled false) uses true CFG
-    at guidance 4.0. Extra options: text_encoder_out_layers (Qwen3 hidden-state layers, default (9, 18, 27))."""
+    at guidance 4.0. Extra options: text_encoder_out_layers (Qwen3 hidden-state layers, default (9, 18, 27)),
+    distilled (--tiny: a step-distilled tiny generator; the teacher_pretrained twin is always a base model)."""
 
     name = "flux2"
     media = "image"
@@ -73,20 +80,36 @@ class Flux2Backend(DiffusersBackend):
             self.default_size, self.default_max_seq = (TINY_HEIGHT, TINY_WIDTH), TINY_MAX_SEQ
             self.text_encoder_out_layers = FLUX2_TEXT_LAYERS
 
-    def _tiny_kwargs(self) -> dict:
-        return {"distilled": self._distilled_tiny}
+    def _tiny_kwargs(self, twin: bool = False) -> dict:
+        return {"distilled": self._distilled_tiny and not twin}
+
+    def _network_of(self, pipe) -> nn.Module:
+        net = pipe.transformer
+        net.step_distilled = bool(getattr(pipe.config, "is_distilled", False))   # read by takes_true_cfg
+        return net
 
     def _make_network(self) -> nn.Module:
-        # step-distilled checkpoints run without CFG; base checkpoints with true CFG at 4.0
-        self.distilled = bool(getattr(self.pipe.config, "is_distilled", False))
+        # step-distilled checkpoints run without CFG; base checkpoints with true CFG at 4.0 (the generator's default)
+        net = self._network_of(self.pipe)
+        self.distilled = net.step_distilled
         self.uses_true_cfg = not self.distilled
         self.default_guidance = 1.0 if self.distilled else 4.0
-        return self.pipe.transformer
+        return net
 
     def __init__(self, **options):
         super().__init__(**options)
         if options.get("guidance") is None:
             self.guidance = self.default_guidance
+        if self.teacher_net is not None:      # a base teacher beside a distilled generator: the Cond needs neg_*
+            self.uses_true_cfg = self.uses_true_cfg or self.takes_true_cfg(self.teacher_net)
+
+    def takes_true_cfg(self, net: nn.Module) -> bool:
+        """True for a base (non-distilled) klein: velocity(net, ..., g != 1) runs true CFG; False for a distilled
+        one, which ignores g."""
+        return not getattr(net, "step_distilled", self.distilled)
+
+    def guidance_applies(self, net: nn.Module) -> bool:
+        return bool(net.config.guidance_embeds) or self.takes_true_cfg(net)
 
     @property
     def latent_hw(self) -> tuple[int, int]:
@@ -113,14 +136,14 @@ class Flux2Backend(DiffusersBackend):
         return {"prompt_embeds": pe}
 
     def velocity(self, net: nn.Module, x: torch.Tensor, sigma, cond: Cond, guidance: float | None = None):
-        """v in float32, (B, 4C, h/2, w/2); true CFG batched over [uncond; cond] when guidance != 1 and the
-        checkpoint is not distilled."""
+        """v in float32, (B, 4C, h/2, w/2); true CFG batched over [uncond; cond] when guidance != 1 and `net` is
+        not distilled (takes_true_cfg)."""
         g = self.guidance if guidance is None else float(guidance)
         B, D, h2, w2 = x.shape
         dt = self._net_dtype(net)
         s = sigma_batch(sigma, B, x.device)
         pe = cond["prompt_embeds"]
-        cfg = g != 1.0 and self.uses_true_cfg
+        cfg = g != 1.0 and self.takes_true_cfg(net)
         tokens = pack_tokens(x)
         if cfg:
             tokens, s, pe = torch.cat([tokens, tokens]), torch.cat([s, s]), torch.cat([cond["neg_prompt_embeds"], pe])

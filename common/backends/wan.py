@@ -62,22 +62,22 @@ class WanBackend(DiffusersBackend):
             self.default_size, self.default_max_seq = (TINY_HEIGHT, TINY_WIDTH), TINY_MAX_SEQ
             self.default_frames = TINY_FRAMES
 
-    def _tiny_kwargs(self) -> dict:
+    def _tiny_kwargs(self, twin: bool = False) -> dict:
         return {"two_experts": self.two_experts_tiny}
 
     @property
     def guidance_2(self) -> float:
         return self.guidance if self._guidance_2 is None else self._guidance_2
 
-    def _make_network(self) -> nn.Module:
-        if getattr(self.pipe.config, "expand_timesteps", False):
+    def _network_of(self, pipe) -> nn.Module:
+        if getattr(pipe.config, "expand_timesteps", False):
             raise BackendError("wan: per-token timesteps (Wan2.2 TI2V, expand_timesteps) are not supported; "
                                "use a T2V checkpoint")
-        t2 = getattr(self.pipe, "transformer_2", None)
-        ratio = getattr(self.pipe.config, "boundary_ratio", None)
+        t2 = getattr(pipe, "transformer_2", None)
+        ratio = getattr(pipe.config, "boundary_ratio", None)
         if t2 is not None and ratio is not None:
-            return TwoExperts(self.pipe.transformer, t2, ratio)
-        return self.pipe.transformer
+            return TwoExperts(pipe.transformer, t2, ratio)
+        return pipe.transformer
 
     def size_multiple(self) -> int:
         return int(self.pipe.vae_scale_factor_spatial) * int(self.pipe.transformer.config.patch_size[1])
