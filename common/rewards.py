@@ -16,8 +16,9 @@ into (name, weight) pairs and build_reward into a MultiReward whose columns are 
 
 Registry entries are "module:factory" strings imported on demand, so the toy never imports open_clip. The real
 reward models (HPSv2.1, PickScore, CLIP score, LAION aesthetic, ImageReward, and the CLIP-based video rewards)
-live in common/reward_models.py; their weights come from build_reward options or environment variables
-(HPS_CKPT, PICKSCORE_PATH, CLIP_PATH, AESTHETIC_CKPT, IMAGEREWARD_CKPT, ...; see that module's docstring), and
+live in common/reward_models.py, VideoAlign's VQ / MQ / TA heads in common/videoalign.py; their weights come from
+build_reward options or environment variables (HPS_CKPT, PICKSCORE_PATH, CLIP_PATH, AESTHETIC_CKPT,
+IMAGEREWARD_CKPT, VIDEOALIGN_PATH, ...; see those modules' docstrings), and
 every factory takes tiny=True for a tiny random model of the same architecture (offline smoke runs).
 """
 from __future__ import annotations
@@ -222,6 +223,11 @@ register("imagereward", "common.reward_models:image_reward")
 register("temporal_consistency", "common.reward_models:temporal_consistency")
 register("motion_smoothness", "common.rewards:motion_smoothness_reward")
 register("text_alignment", "common.reward_models:text_alignment")
+# VideoAlign's VideoReward on Qwen2-VL (common/videoalign.py): OTCA's video training rewards, VQ / MQ / TA heads
+register("videoalign", "common.videoalign:videoalign")          # three objectives VQ, MQ, TA
+register("videoalign_vq", "common.videoalign:videoalign_vq")    # one head each (one model shared when built together)
+register("videoalign_mq", "common.videoalign:videoalign_mq")
+register("videoalign_ta", "common.videoalign:videoalign_ta")
 
 
 def _known(name: str) -> bool:
