@@ -49,7 +49,7 @@ What it simplifies, and why:
 Launch:
   python otca.py                                                      # toy world, CPU, about a minute
   python otca.py --teacher flux --reward hps:1,clip:1 --steps 200     # one GPU (use --tiny for an offline smoke run)
-  torchrun --nproc-per-node 8 otca.py --teacher wan --reward temporal_consistency,text_alignment --steps 300
+  torchrun --nproc-per-node 8 otca.py --teacher wan --steps 300      # VideoAlign VQ/MQ/TA (VIDEOALIGN_PATH)
 """
 from __future__ import annotations
 
@@ -147,8 +147,9 @@ PRESETS = {
     "flux": {"nfe": 16, "shift": 3.0, "group_size": 12, "prompts_per_step": 1, "lr": 3e-4, "precision": "bf16",
              "reward": "hps,clip", "train_fraction": 0.6, "eval_samples": 64, "micro_batch": 4},
     # clip: the default 1e-4 (decisions.md; DanceGRPO's Wan, otca.md 1.10), not Flow-GRPO's Wan 1e-3 (anchors.md c.5)
+    # reward: VideoAlign's three heads VQ, MQ, TA as three MOCA objectives (otca.md A14, the paper's video rewards)
     "wan": {"nfe": 12, "shift": 3.0, "group_size": 12, "prompts_per_step": 1, "lr": 3e-4, "precision": "bf16",
-            "reward": "temporal_consistency,text_alignment", "train_fraction": 0.6, "eval_samples": 16,
+            "reward": "videoalign", "train_fraction": 0.6, "eval_samples": 16,
             "micro_batch": 2},
     # beta_kl 0.004, anchors.md c.5's value with the step size kept: the KL here is the exact Gaussian KL (no dt),
     # while Flow-GRPO's 0.04 weights Delta_t times it (0.04 Delta_t = 0.0014..0.0071 over this grid's 9 trained steps)
