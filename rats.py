@@ -101,7 +101,8 @@ class Config(RunConfig):
     eval_seed: int = opt(1234, "seed of the held-out noise")
     eval_every: int = opt(0, "evaluate the student every N steps (0 = only at the start and the end)", min=0)
     eval_nfe: list[int] = opt([], "extra student budgets evaluated at the end (e.g. 3,5,8,50)")
-    eval_only: bool = opt(False, "evaluate --ckpt (its model and --nfe; this command's reward and eval flags)")
+    eval_only: bool = opt(False, "evaluate --ckpt (its backend and preset, model, --nfe; this command's reward and "
+                                        "eval flags)")
     ckpt: str = opt("", "checkpoint for --eval-only", path=True)
 
 

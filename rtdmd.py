@@ -61,7 +61,7 @@ from common.flow import rollout, transition_logprob
 from common.prompts import load_prompts
 from common.rewards import build_reward
 from common.rl import clip_fraction, clipped_surrogate
-from common.runs import Run
+from common.runs import Run, checkpoint_config
 from common.train import (EMA, autocast, clip_grad, detached, load_trained, make_optimizer, seed_everything,
                           set_hyperparameters, trained_tensors)
 
@@ -118,7 +118,8 @@ class Config(RunConfig):
     weight_decay2: float = opt(1e-4, "stage-2 generator weight decay", min=0)
     # ----- evaluation -----
     eval_samples: int = opt(20000, "toy: samples for the KL estimates", min=100)
-    eval_only: bool = opt(False, "no training: evaluate --ckpt (a run directory or checkpoint) at --eval-nfe")
+    eval_only: bool = opt(False, "no training: evaluate --ckpt (a run directory or checkpoint; its backend and "
+                          "preset, model, --seed, --timesteps, --eta; this command's reward) at --eval-nfe")
     ckpt: str = opt("", "with --eval-only: the trained run to evaluate ('' = the base model only)", path=True)
     eval_nfe: list[int] = opt([4], "with --eval-only: generator step counts (CPS eta, last step deterministic; "
                                    "at len(--timesteps) steps, on --timesteps)")
@@ -315,6 +316,10 @@ def eval_only(cfg: Config, backend, models: Models, reward, tilt) -> dict:
 
 
 def main(cfg: Config):
+    if cfg.eval_only and cfg.ckpt:   # the run's model and generator grid, as in rats.py and otca.py (parse_config
+        trained = checkpoint_config(cfg.ckpt) or {}   # took its backend's preset); reward and eval flags: this command
+        for k in ("teacher", "tiny", "pretrained", "toy_teacher", "seed", "timesteps", "eta"):
+            setattr(cfg, k, trained.get(k, getattr(cfg, k)))
     problem = checks(cfg)        # (also at parse time from the command line; here for main(cfg) callers)
     if problem:
         raise ConfigError(problem)
