@@ -254,29 +254,35 @@ def toy_eval(backend, gen, sigmas, reward, cfg, tilt, euler: bool = True, save_d
 
     The trained generator is stochastic (CPS eta): kl_hist_* are toy/metrics.kl_histogram estimates (binned KL,
     Miller-Madow corrected, +-stderr; a lower bound of the continuous KL up to O(h^2)). kl_euler_* are exact
-    change-of-variables KLs of the same network sampled deterministically (eta = 0), a different sampler."""
-    from toy.metrics import kl_histogram, kl_sampler
-    mix = backend.target(0)
+    change-of-variables KLs of the same network sampled deterministically (eta = 0), a different sampler.
+    Under torchrun (on every rank) each rank samples its share (sample_final(shard=True); the Euler densities too),
+    gathered before the KLs, which need every sample: each rank gets the one-process numbers."""
+    from common.evaluate import sample_final
+    from toy.metrics import euler_logdensity, kl_exact_target, kl_histogram
+    mix, n = backend.target(0), cfg.eval_samples
     g = torch.Generator().manual_seed(12345)
-    cond = backend.encode(backend.prompts()[:1]).repeat(cfg.eval_samples)
+    cond = backend.encode(backend.prompts()[:1]).repeat(n)
     # drawn on the CPU (the same held-out set on any device), used on the backend's
-    noise = torch.randn(cfg.eval_samples, *backend.latent_shape, generator=g).to(backend.device)
+    noise = torch.randn(n, *backend.latent_shape, generator=g).to(backend.device)
+    x = dist.gather_strided(sample_final(backend, gen, cond, noise, sigmas, "cps", cfg.eta, 1.0, g, shard=True), n)
     with torch.no_grad():
-        x = rollout(backend.velocity_fn(gen, cond, 1.0), noise, sigmas, "cps", cfg.eta, generator=g).final
         r = reward.combine(reward(backend.decode(x)))
     if save_dir:   # the final samples with the density they aim at (p_tilt when tilting), for the demo's figure
         save_samples(save_dir, x, tilt[0] if tilt else mix)
     out = {"reward": float(r.mean())}
+    if euler:      # the eta = 0 sampler's exact density along its own samples from the first 4096 noises
+        m = min(n, 4096)
+        rows = dist.strided_rows(m)
+        e = euler_logdensity(backend.velocity_fn(gen, cond.select(rows), 1.0), sigmas, z=noise[rows])
+        x_e, logq = dist.gather_strided(e.x, m), dist.gather_strided(e.logq, m)
     for name, target in (("teacher", mix), ("tilted", tilt[0] if tilt else None)):
         if target is None:
             continue
         h = kl_histogram(x, target.log_prob, bounds=(-6.0, 6.0, -6.0, 6.0), bins=48)
         out[f"kl_hist_{name}"], out[f"kl_hist_{name}_se"] = h["kl"], h["stderr"]
-        if not euler:
-            continue
-        e = kl_sampler(backend.velocity_fn(gen, cond.select(slice(0, 4096)), 1.0), sigmas, target.log_prob,
-                       z=noise[:4096])
-        out[f"kl_euler_{name}"], out[f"kl_euler_{name}_se"] = e["kl"], e["stderr"]
+        if euler:
+            k = kl_exact_target(x_e, logq, target.log_prob)
+            out[f"kl_euler_{name}"], out[f"kl_euler_{name}_se"] = k["kl"], k["stderr"]
     return out
 
 
@@ -286,7 +292,8 @@ def eval_only(cfg: Config, backend, models: Models, reward, tilt) -> dict:
     --out). On the toy, the binned KL of each to the teacher and to p_tilt is added. The fake score is not used
     here, so it holds the trained generator: its tensors mirror the generator's (Models.gen_named / fake_named
     share their keys) and in adapter mode it is a second adapter on the same transformer, so the evaluation needs
-    no further copy of the model (FLUX.1: 24 GB)."""
+    no further copy of the model (FLUX.1: 24 GB). Under torchrun every rank samples its share of the held-out set
+    (common.evaluate.eval_table) and rank 0 writes."""
     from common.evaluate import Sampler, eval_table
     from common.runs import load_checkpoint
     dev = backend.device
@@ -311,7 +318,8 @@ def eval_only(cfg: Config, backend, models: Models, reward, tilt) -> dict:
     rows = eval_table(backend, samplers, reward, out, header=f"rtdmd.py --eval-only --ckpt {cfg.ckpt or '(none)'}",
                       n_per_prompt=cfg.eval_per_prompt if tilt is None else max(cfg.eval_per_prompt, 4000),
                       seed=10_000 + cfg.seed, extra=extra)
-    print(f"wrote {os.path.join(out, 'eval.md')}")
+    if dist.is_main():
+        print(f"wrote {os.path.join(out, 'eval.md')}")
     return {"rows": rows}
 
 
@@ -600,12 +608,14 @@ def main(cfg: Config):
             summary.update({f"{k}_stage2": v for k, v in ev.items()})
             summary["kl_student_tilted"], summary["reward_student"] = ev["kl_hist_tilted"], ev["reward"]
             summary["kl_student2_teacher"] = ev["kl_hist_teacher"]
-        elif not is_toy:
+        elif not is_toy:   # every rank samples its share of the held-out set; the rewards are gathered
             from common.evaluate import held_out, sample_final, score_summary
             prompts, cond, noise = held_out(backend, n_per_prompt=2, seed=0)
             lat = sample_final(backend, gen, cond, noise, sigmas, "cps", cfg.eta, 1.0,
-                               torch.Generator().manual_seed(0))
-            summary.update({f"student_{k}": v for k, v in score_summary(reward, backend.decode(lat), prompts).items()})
+                               torch.Generator().manual_seed(0), shard=True)
+            mine = [prompts[i] for i in dist.strided_rows(len(prompts))]
+            scores = score_summary(reward, backend.decode(lat), mine, n_total=len(prompts))
+            summary.update({f"student_{k}": v for k, v in scores.items()})
     summary["beta"] = cfg.beta if cfg.advantage == "raw" else None
     run.finish(summary, snapshot())
     dist.cleanup()
