@@ -129,8 +129,8 @@ class Config(RunConfig):
     eval_samples: int = opt(1024, "held-out samples per evaluation (split over the eval prompts)", min=0)
     eval_every: int = opt(0, "evaluate every N steps (0 = only before and after)", min=0)
     debug: bool = opt(False, "assert the importance ratio is exactly 1 on the first inner step")
-    eval_only: bool = opt(False, "no training: evaluate --ckpt (a run directory or checkpoint file; its model, "
-                          "shift and seed, this command's reward and eval flags) at --eval-nfe")
+    eval_only: bool = opt(False, "no training: evaluate --ckpt (a run directory or checkpoint file; its backend and "
+                          "preset, model, shift and seed; this command's reward and eval flags) at --eval-nfe")
     ckpt: str = opt("", "with --eval-only: the trained run to evaluate ('' = the base model)")
     eval_nfe: list[int] = opt([3, 5, 8, 50], "with --eval-only: Euler step counts to evaluate")
 

@@ -6,7 +6,8 @@ Generation", arXiv 2604.14910 (2026). Spec: shared/spec/rats.md; defaults and ab
 What this script implements (one code path for every backend, through common.backend.Backend):
   * student = the base network, trained, sampled with K = --nfe deterministic Euler steps;
   * teacher = EMA of the student (decay --ema-decay 0.995 after every optimizer step, starting from the base
-    weights; 1.0 = frozen), sampled with N = --teacher-nfe 50 Euler steps under no_grad, used in training only;
+    weights; 1.0 = frozen), sampled with N = --teacher-nfe 50 Euler steps under no_grad, used in training only
+    (N >= K: every student noise level needs a teacher level near it, so N < K is refused);
   * the same prompts and the same initial noise for both rollouts;
   * sigma-aligned horizon matching j(k) = argmin_j |sigma_T[j] - sigma_S[k]| on the shifted grids; the shaping
     distance (1 - cos) + MSE between x0-predictions (or states, --match states), averaged over the K horizons;
@@ -69,7 +70,7 @@ class Config(RunConfig):
     reward: str = opt("toy_quadratic", "reward spec, e.g. hps or dit_color:1,dit_position:1")
     prompts: str = opt("", "training prompt file, one per line ('' = the backend's built-in list)")
     nfe: int = opt(2, "student steps K", min=1)
-    teacher_nfe: int = opt(50, "teacher steps N", min=1)
+    teacher_nfe: int = opt(50, "teacher steps N (at least --nfe)", min=1)
     shift: float | None = opt(None, "schedule shift for both grids (none = the backend's default)")
     guidance: float | None = opt(None, "guidance scale for student and teacher (none = backend default)")
     batch_size: int = opt(256, "samples per micro-batch (per rank)", min=1)
@@ -101,7 +102,8 @@ class Config(RunConfig):
     eval_seed: int = opt(1234, "seed of the held-out noise")
     eval_every: int = opt(0, "evaluate the student every N steps (0 = only at the start and the end)", min=0)
     eval_nfe: list[int] = opt([], "extra student budgets evaluated at the end (e.g. 3,5,8,50)")
-    eval_only: bool = opt(False, "evaluate --ckpt (its model and --nfe; this command's reward and eval flags)")
+    eval_only: bool = opt(False, "evaluate --ckpt (its backend and preset, model, --nfe; this command's reward and "
+                                        "eval flags)")
     ckpt: str = opt("", "checkpoint for --eval-only", path=True)
 
 
@@ -127,6 +129,9 @@ def checks(cfg: Config) -> str | None:
         return f"--tau must be > 0, got {cfg.tau}"
     if cfg.reward_grad_steps > cfg.nfe:
         return f"--reward-grad-steps {cfg.reward_grad_steps} exceeds --nfe {cfg.nfe}"
+    if cfg.teacher_nfe < cfg.nfe and not cfg.eval_only:   # (--eval-only: both come from the checkpoint)
+        return (f"--teacher-nfe {cfg.teacher_nfe} is below --nfe {cfg.nfe}: every student noise level is matched to "
+                f"the teacher's nearest one (rats.md 1.4), so the teacher's grid must be at least as fine (N >= K)")
     if cfg.eval_only and not cfg.ckpt:
         return "--eval-only needs --ckpt DIR (a run directory or a checkpoint file)"
     if cfg.skip_first_horizon and cfg.nfe == 1:

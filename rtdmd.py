@@ -68,7 +68,7 @@ from common.flow import rollout, transition_logprob
 from common.prompts import load_prompts
 from common.rewards import build_reward
 from common.rl import clip_fraction, clipped_surrogate
-from common.runs import Run
+from common.runs import Run, checkpoint_config
 from common.train import (EMA, autocast, clip_grad, detached, load_trained, make_optimizer, seed_everything,
                           set_hyperparameters, trained_tensors)
 
@@ -128,7 +128,8 @@ class Config(RunConfig):
     weight_decay2: float = opt(1e-4, "stage-2 generator weight decay", min=0)
     # ----- evaluation -----
     eval_samples: int = opt(20000, "toy: samples for the KL estimates", min=100)
-    eval_only: bool = opt(False, "no training: evaluate --ckpt (a run directory or checkpoint) at --eval-nfe")
+    eval_only: bool = opt(False, "no training: evaluate --ckpt (a run directory or checkpoint; its backend and "
+                          "preset, model, --seed, --timesteps, --eta; this command's reward) at --eval-nfe")
     ckpt: str = opt("", "with --eval-only: the trained run to evaluate ('' = the base model only)", path=True)
     eval_nfe: list[int] = opt([4], "with --eval-only: generator step counts (CPS eta, last step deterministic; "
                                    "at len(--timesteps) steps, on --timesteps)")
@@ -295,29 +296,35 @@ def toy_eval(backend, gen, sigmas, reward, cfg, tilt, euler: bool = True, save_d
 
     The trained generator is stochastic (CPS eta): kl_hist_* are toy/metrics.kl_histogram estimates (binned KL,
     Miller-Madow corrected, +-stderr; a lower bound of the continuous KL up to O(h^2)). kl_euler_* are exact
-    change-of-variables KLs of the same network sampled deterministically (eta = 0), a different sampler."""
-    from toy.metrics import kl_histogram, kl_sampler
-    mix = backend.target(0)
+    change-of-variables KLs of the same network sampled deterministically (eta = 0), a different sampler.
+    Under torchrun (on every rank) each rank samples its share (sample_final(shard=True); the Euler densities too),
+    gathered before the KLs, which need every sample: each rank gets the one-process numbers."""
+    from common.evaluate import sample_final
+    from toy.metrics import euler_logdensity, kl_exact_target, kl_histogram
+    mix, n = backend.target(0), cfg.eval_samples
     g = torch.Generator().manual_seed(12345)
-    cond = backend.encode(backend.prompts()[:1]).repeat(cfg.eval_samples)
+    cond = backend.encode(backend.prompts()[:1]).repeat(n)
     # drawn on the CPU (the same held-out set on any device), used on the backend's
-    noise = torch.randn(cfg.eval_samples, *backend.latent_shape, generator=g).to(backend.device)
+    noise = torch.randn(n, *backend.latent_shape, generator=g).to(backend.device)
+    x = dist.gather_strided(sample_final(backend, gen, cond, noise, sigmas, "cps", cfg.eta, 1.0, g, shard=True), n)
     with torch.no_grad():
-        x = rollout(backend.velocity_fn(gen, cond, 1.0), noise, sigmas, "cps", cfg.eta, generator=g).final
         r = reward.combine(reward(backend.decode(x)))
     if save_dir:   # the final samples with the density they aim at (p_tilt when tilting), for the demo's figure
         save_samples(save_dir, x, tilt[0] if tilt else mix)
     out = {"reward": float(r.mean())}
+    if euler:      # the eta = 0 sampler's exact density along its own samples from the first 4096 noises
+        m = min(n, 4096)
+        rows = dist.strided_rows(m)
+        e = euler_logdensity(backend.velocity_fn(gen, cond.select(rows), 1.0), sigmas, z=noise[rows])
+        x_e, logq = dist.gather_strided(e.x, m), dist.gather_strided(e.logq, m)
     for name, target in (("teacher", mix), ("tilted", tilt[0] if tilt else None)):
         if target is None:
             continue
         h = kl_histogram(x, target.log_prob, bounds=(-6.0, 6.0, -6.0, 6.0), bins=48)
         out[f"kl_hist_{name}"], out[f"kl_hist_{name}_se"] = h["kl"], h["stderr"]
-        if not euler:
-            continue
-        e = kl_sampler(backend.velocity_fn(gen, cond.select(slice(0, 4096)), 1.0), sigmas, target.log_prob,
-                       z=noise[:4096])
-        out[f"kl_euler_{name}"], out[f"kl_euler_{name}_se"] = e["kl"], e["stderr"]
+        if euler:
+            k = kl_exact_target(x_e, logq, target.log_prob)
+            out[f"kl_euler_{name}"], out[f"kl_euler_{name}_se"] = k["kl"], k["stderr"]
     return out
 
 
@@ -329,7 +336,8 @@ def eval_only(cfg: Config, backend, models: Models, reward, tilt) -> dict:
     share their keys) and in adapter mode it is a second adapter on the same transformer, so the evaluation needs
     no further copy of the model (FLUX.1: 24 GB). With a teacher checkpoint of its own (the fake sits on the
     teacher's model) the trained generator goes into the generator, and the base generator is its adapters-off
-    reference (a frozen copy without LoRA)."""
+    reference (a frozen copy without LoRA). Under torchrun every rank samples its share of the held-out set
+    (common.evaluate.eval_table) and rank 0 writes."""
     from common.evaluate import Sampler, eval_table
     from common.runs import load_checkpoint
     dev = backend.device
@@ -363,11 +371,17 @@ def eval_only(cfg: Config, backend, models: Models, reward, tilt) -> dict:
     rows = eval_table(backend, samplers, reward, out, header=f"rtdmd.py --eval-only --ckpt {cfg.ckpt or '(none)'}",
                       n_per_prompt=cfg.eval_per_prompt if tilt is None else max(cfg.eval_per_prompt, 4000),
                       seed=10_000 + cfg.seed, extra=extra)
-    print(f"wrote {os.path.join(out, 'eval.md')}")
+    if dist.is_main():
+        print(f"wrote {os.path.join(out, 'eval.md')}")
     return {"rows": rows}
 
 
 def main(cfg: Config):
+    if cfg.eval_only and cfg.ckpt:   # the run's model and generator grid, as in rats.py and otca.py (parse_config
+        trained = checkpoint_config(cfg.ckpt) or {}   # took its backend's preset); reward and eval flags: this command
+        for k in ("teacher", "tiny", "pretrained", "teacher_pretrained", "toy_teacher", "seed", "timesteps",
+                  "eta"):
+            setattr(cfg, k, trained.get(k, getattr(cfg, k)))
     problem = checks(cfg)        # (also at parse time from the command line; here for main(cfg) callers)
     if problem:
         raise ConfigError(problem)
@@ -654,12 +668,14 @@ def main(cfg: Config):
             summary.update({f"{k}_stage2": v for k, v in ev.items()})
             summary["kl_student_tilted"], summary["reward_student"] = ev["kl_hist_tilted"], ev["reward"]
             summary["kl_student2_teacher"] = ev["kl_hist_teacher"]
-        elif not is_toy:
+        elif not is_toy:   # every rank samples its share of the held-out set; the rewards are gathered
             from common.evaluate import held_out, sample_final, score_summary
             prompts, cond, noise = held_out(backend, n_per_prompt=2, seed=0)
             lat = sample_final(backend, gen, cond, noise, sigmas, "cps", cfg.eta, 1.0,
-                               torch.Generator().manual_seed(0))
-            summary.update({f"student_{k}": v for k, v in score_summary(reward, backend.decode(lat), prompts).items()})
+                               torch.Generator().manual_seed(0), shard=True)
+            mine = [prompts[i] for i in dist.strided_rows(len(prompts))]
+            scores = score_summary(reward, backend.decode(lat), mine, n_total=len(prompts))
+            summary.update({f"student_{k}": v for k, v in scores.items()})
     summary["beta"] = cfg.beta if cfg.advantage == "raw" else None
     run.finish(summary, snapshot())
     dist.cleanup()

@@ -59,7 +59,9 @@ Command line (argparse underneath, one flag per field, dashes for underscores):
     python rats.py --teacher flux --nfe 4 --nfe-list 3,5,8 --tiny --no-tiny --tiny false --tau none
 Order of precedence: dataclass default < PRESETS[cfg.teacher] < explicit flags. With --resume DIR the saved
 DIR/config.json replaces the defaults and the preset (explicit flags still win, e.g. --steps 40 to train longer),
-and --out defaults to DIR.
+and --out defaults to DIR. With --eval-only --ckpt RUN (a run directory or checkpoint file) the backend and so
+the preset are the checkpoint's: --teacher may be left out, and one that differs from the run's is an error; the
+other flags keep the order above (the scripts then take the model itself from the checkpoint).
 
 User mistakes (unknown flag, bad value, value below a field's `min`, unknown backend or reward, missing prompts
 file, a failed `checks` function) print ONE line "error: ..." on stderr and exit with status 2. Built-in checks:
@@ -313,6 +315,13 @@ def parse_config(cls: type, argv: Sequence[str] | None = None, presets: dict[str
     else:
         values = {}
         key = explicit.get(preset_key, fields[preset_key].default if preset_key in fields else None)
+        trained = _eval_checkpoint_backend(explicit, preset_key)
+        if trained is not None:   # --eval-only --ckpt: the run's backend, and through it its preset
+            if preset_key in explicit and explicit[preset_key] != trained:
+                flag = "--" + preset_key.replace("_", "-")
+                die(f"{flag} {explicit[preset_key]}: --ckpt {explicit['ckpt']} was trained with {flag} {trained}; "
+                    f"leave {flag} out (the checkpoint's is used) or give {flag} {trained}")
+            key = values[preset_key] = trained
         for k, v in presets.get(key, {}).items():
             if k not in fields:
                 die(f"preset {key!r} sets unknown field {k!r}")
@@ -324,6 +333,16 @@ def parse_config(cls: type, argv: Sequence[str] | None = None, presets: dict[str
         die(str(e))
     _validate(cfg, checks)
     return cfg
+
+
+def _eval_checkpoint_backend(explicit: dict[str, Any], preset_key: str) -> Any:
+    """With --eval-only --ckpt PATH (fields eval_only and ckpt): the preset_key value (the backend, --teacher) saved
+    in the checkpoint that the script will evaluate; None otherwise, or when PATH holds no readable checkpoint
+    (the script then reports it)."""
+    if not (explicit.get("eval_only") and explicit.get("ckpt")):
+        return None
+    from common.runs import checkpoint_config
+    return (checkpoint_config(explicit["ckpt"]) or {}).get(preset_key)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -7,6 +7,9 @@
 
 A row is {"model": name, "nfe": K, <objective>: mean, <objective>_std: std, ...extra metrics}. Scores are on the
 training scale; rewards expose `table_scale` (one factor per objective, e.g. HPS x100) used for tables.
+Under torchrun evaluate_models and eval_table shard the set: call them on every rank; each samples its rows
+(dist.strided_rows: sample_final(shard=True)), the rewards are gathered, every rank gets the whole set's rows
+(those one process computes), and rank 0 writes.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from typing import Callable, ContextManager, Sequence
 
 import torch
 
+from common import dist
 from common.flow import rollout
 
 
@@ -41,17 +45,33 @@ class Sampler:
 @torch.no_grad()
 def sample_final(backend, net, cond, noise: torch.Tensor, sigmas: torch.Tensor, kind: str = "euler",
                  noise_level: float = 0.0, guidance: float | None = None,
-                 generator: torch.Generator | None = None, batch_size: int | None = None) -> torch.Tensor:
-    """Final latents (B, ...) of a rollout from `noise` under no_grad, in chunks of batch_size to bound memory."""
+                 generator: torch.Generator | None = None, batch_size: int | None = None,
+                 shard: bool = False) -> torch.Tensor:
+    """Final latents (B, ...) of a rollout from `noise` under no_grad, in chunks of batch_size to bound memory.
+
+    shard (an evaluation under torchrun, on every rank): this rank samples only its rows dist.strided_rows(B) and
+    returns them, (B_r, ...), equal to those rows of the one-process result, stochastic steps included: each step
+    draws the noise of the whole chunk from generator, as one process does, and keeps this rank's rows (so with
+    several chunks, each needs a row of every rank: batch_size >= world). Single process: as without shard."""
     B = noise.shape[0]
     bs = batch_size or B
+    world, rank = (dist.world_size(), dist.rank()) if shard else (1, 0)
+    if world > 1 and B > bs and bs < world:
+        raise ValueError(f"sample_final(shard=True): batch_size {bs} below the {world} ranks")
     outs = []
     for i in range(0, B, bs):
-        c = cond.select(slice(i, i + bs))
-        tr = rollout(backend.velocity_fn(net, c, guidance), noise[i:i + bs], sigmas, kind, noise_level,
-                     generator=generator)
+        if world == 1:
+            c, x, draw = cond.select(slice(i, i + bs)), noise[i:i + bs], None
+        else:   # this rank's rows of the chunk; none only in a last chunk shorter than world (nothing drawn after)
+            n = min(bs, B - i)
+            rows = list(range((rank - i) % world, n, world))
+            if not rows:
+                continue
+            c, x, draw = cond.select([i + j for j in rows]), noise[i:i + n][rows], (n, rows)
+        tr = rollout(backend.velocity_fn(net, c, guidance), x, sigmas, kind, noise_level, generator=generator,
+                     draw_rows=draw)
         outs.append(tr.final)
-    return torch.cat(outs, 0)
+    return torch.cat(outs, 0) if outs else noise[:0]
 
 
 def held_out(backend, n_per_prompt: int = 8, seed: int = 0, split: str = "eval",
@@ -65,10 +85,14 @@ def held_out(backend, n_per_prompt: int = 8, seed: int = 0, split: str = "eval",
     return cond.prompts, cond, noise
 
 
-def score_summary(reward, media: torch.Tensor, prompts: Sequence[str] | None, table: bool = False) -> dict:
-    """Mean and std of every objective (and of the weighted combination when there are several)."""
+def score_summary(reward, media: torch.Tensor, prompts: Sequence[str] | None, table: bool = False,
+                  n_total: int | None = None) -> dict:
+    """Mean and std of every objective (and of the weighted combination when there are several).
+    n_total: media and prompts are this rank's rows (dist.strided_rows(n_total), sample_final(shard=True)) of a
+    set of n_total; the rewards of every rank are gathered first (a collective: call it on every rank)."""
     with torch.no_grad():
-        r = reward(media, prompts).float().cpu()                   # (B, M)
+        r = reward(media, prompts).float()                         # (B, M)
+    r = (r if n_total is None else dist.gather_strided(r, n_total)).cpu()
     scales = list(getattr(reward, "table_scale", None) or [1.0] * len(reward.names))  # one factor per objective
     out = {}
     for m, name in enumerate(reward.names):
@@ -85,18 +109,22 @@ def evaluate_models(backend, samplers: dict[str, Sampler], reward, cond, noise: 
                     extra: Callable[[str, torch.Tensor, torch.Tensor], dict] | None = None,
                     table: bool = False, seed: int = 0, batch_size: int | None = None) -> list[dict]:
     """Sample every model from the same noise and prompts, decode, score. extra(name, latents, media) may add
-    metrics (KL and MMD on the toy, attribute frequencies on the small DiT). Returns one row per model."""
-    rows = []
+    metrics (KL and MMD on the toy, attribute frequencies on the small DiT). Returns one row per model.
+    Under torchrun (call it on every rank) each rank samples and scores its share of the rows, the rewards are
+    gathered, and extra sees the whole set (every rank's latents and media, gathered)."""
+    n, rows = noise.shape[0], []
+    prompts = cond.select(dist.strided_rows(n)).prompts if dist.is_dist() else cond.prompts   # this rank's rows
     for name, s in samplers.items():
         g = torch.Generator().manual_seed(seed)   # the same stochastic-step noise for every model too
         with s.context() if s.context is not None else contextlib.nullcontext():
-            lat = sample_final(backend, s.net, cond, noise, s.sigmas, s.kind, s.noise_level, s.guidance, g, batch_size)
+            lat = sample_final(backend, s.net, cond, noise, s.sigmas, s.kind, s.noise_level, s.guidance, g, batch_size,
+                               shard=True)
         with torch.no_grad():
             media = backend.decode(lat)
         row = {"model": name, "nfe": s.nfe}
-        row.update(score_summary(reward, media, cond.prompts, table))
+        row.update(score_summary(reward, media, prompts, table, n_total=n))
         if extra is not None:
-            row.update(extra(name, lat, media))
+            row.update(extra(name, dist.gather_strided(lat, n), dist.gather_strided(media, n)))
         rows.append(row)
     return rows
 
@@ -114,11 +142,12 @@ def eval_table(backend, samplers: dict[str, Sampler], reward, out_dir: str, head
                extra: Callable[[str, torch.Tensor, torch.Tensor], dict] | None = None,
                batch_size: int | None = None) -> list[dict]:
     """The --eval-only path: every sampler on the same held-out prompts and noise, scored on the papers' table
-    scales (HPS x100, PickScore logit, ImageReward raw), written to out_dir/eval.md and eval.json."""
+    scales (HPS x100, PickScore logit, ImageReward raw), written to out_dir/eval.md and eval.json (by rank 0)."""
     _, cond, noise = held_out(backend, n_per_prompt, seed, prompts=prompts)
     rows = evaluate_models(backend, samplers, reward, cond, noise, extra=extra, table=True, seed=seed,
                            batch_size=batch_size)
-    write_table(rows, out_dir, "eval", header=header)
+    if dist.is_main():
+        write_table(rows, out_dir, "eval", header=header)
     return rows
 
 

@@ -279,7 +279,8 @@ def rollout(velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x
             sigmas: torch.Tensor, kind: str = "euler", noise_level: float = 0.0, grad: str | int = "none",
             stop: int | None = None, noises: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
             generator: torch.Generator | None = None, logprob: str = "gaussian", reduce: str = "mean",
-            store_means: bool = False, sigma_max: float | None = None, detach_inputs: bool = False) -> Trajectory:
+            store_means: bool = False, sigma_max: float | None = None, detach_inputs: bool = False,
+            draw_rows: tuple[int, Sequence[int]] | None = None) -> Trajectory:
     """Run velocity_fn(x, sigma) over the grid `sigmas` ((K+1,), from 1 to 0) with one step kind.
 
     grad:  'none' (no graph), 'all' (every step), 'last' (only the last executed step keeps its graph: RTDMD's
@@ -290,6 +291,9 @@ def rollout(velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x
     logprob: 'gaussian' (exact density) or 'cps' (the surrogate -(x' - mean)^2); reduce: 'mean' or 'sum'.
     detach_inputs: every step's network input is detached, so a step with gradients has its graph through the
            parameters only (the policy-gradient graph of GRPO: log pi(x_{k+1} | x_k) with x_k fixed), not the chain.
+    draw_rows: (n, rows): x holds the rows `rows` of a batch of n, and every stochastic step draws the noise of the
+           whole batch (n, ...) and keeps those rows: a rank's share of an evaluation set gets the noise that one
+           process sampling all n rows would (common.evaluate.sample_final(shard=True)).
     sigma is passed to velocity_fn as a (B,) float32 tensor.
     Deterministic steps (Euler, noise_level 0, or the step to sigma' = 0) take a short path: the update and the
     x0-prediction with host scalars, and one shared zero tensor for their std / log-prob / noise records; the
@@ -334,7 +338,9 @@ def rollout(velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x
                 continue
             if nk is None:
                 g_dev = generator.device if generator is not None else x.device
-                nk = torch.randn(x.shape, generator=generator, device=g_dev, dtype=torch.float32).to(x.device)
+                shape = x.shape if draw_rows is None else (draw_rows[0], *x.shape[1:])
+                nk = torch.randn(shape, generator=generator, device=g_dev, dtype=torch.float32)
+                nk = (nk if draw_rows is None else nk[list(draw_rows[1])]).to(x.device)
             nxt, mean, std = sde_step(inp, v, s, grid[k + 1], kind, noise_level, noise=nk, sigma_max=sigma_max)
             if logprob == "gaussian":
                 lp = gaussian_logprob(nxt, mean, std, reduce)

@@ -25,6 +25,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import random
 import re
 import resource
@@ -143,6 +144,22 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu", method:
             made_by = f"{other}.py" if other != method else f"another script (its state lacks {missing[0]!r})"
             raise ConfigError(f"{path} is a checkpoint of {made_by}, not of {method}.py")
     return ckpt
+
+
+def checkpoint_config(path: str) -> dict[str, Any] | None:
+    """The config saved in the checkpoint load_checkpoint(path) would load (a file, or a run directory's latest),
+    read without loading its tensors (mmap); None when there is no readable checkpoint there (load_checkpoint then
+    says why)."""
+    if os.path.isdir(path):
+        found = list_checkpoints(path)
+        if not found:
+            return None
+        path = found[-1][1]
+    try:
+        config = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("config")
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, AttributeError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def _to_json(v: Any) -> Any:

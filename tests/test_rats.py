@@ -122,6 +122,7 @@ def test_local_shaping_and_truncated_reward_run(tmp_path):
     (["--gate", "soft"], "choose one of"),
     (["--teacher", "nope"], "unknown backend"),
     (["--skip-first-horizon", "--match", "states"], "--match states has none"),
+    (["--nfe", "4", "--teacher-nfe", "3"], "--teacher-nfe 3 is below --nfe 4"),
 ])
 def test_user_errors_one_line_exit_2(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:
@@ -129,6 +130,18 @@ def test_user_errors_one_line_exit_2(argv, needle, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1
+
+
+def test_teacher_steps_at_least_student_steps():
+    """N < K would leave student noise levels with no teacher level near them (several share one, and the student's
+    x0 at sigma 0.75 is pulled toward the teacher's at sigma 1 with K = 4, N = 2): refused, N = K and N > K are fine,
+    and --eval-only (its K and N come from the checkpoint) ignores the flags."""
+    def parse(*argv):
+        return parse_config(rats.Config, list(argv), presets=rats.PRESETS, checks=[rats.checks])
+    sigmas = rats.get_backend("toy2d").sigmas
+    assert rats.match_horizons(sigmas(2), sigmas(4)).tolist() == [0, 0, 1, 1, 2]
+    assert parse("--nfe", "3", "--teacher-nfe", "3").teacher_nfe == 3 and parse("--nfe", "2", "--teacher-nfe", "3")
+    assert parse("--eval-only", "--ckpt", ROOT, "--nfe", "7", "--teacher-nfe", "6").nfe == 7   # (parsing only)
 
 
 @pytest.mark.slow

@@ -5,7 +5,9 @@ one of its middle checkpoints. Checked: both ranks end with the same weights bit
 before every update), rtdmd's ranks draw different samples (their own random streams), one run directory written by
 rank 0 only, and the resumed 2-rank run logs what the uninterrupted one logged and ends with the same weights (every
 rank's random streams are in the checkpoint). rtdmd runs its paper mode (--advantage grpo): each rank's advantages are
-its rows of the one computation over both ranks' rewards.
+its rows of the one computation over both ranks' rewards. Evaluations are sharded: each rank samples half of every
+evaluation set, and rats.py's and rtdmd.py's numbers on 2 ranks (the final evaluation; rtdmd's toy evaluations and its
+--eval-only table) are those of one process on the same checkpoint, on both ranks.
 """
 from __future__ import annotations
 
@@ -63,6 +65,9 @@ def run_case(name: str, flags: list[str], cut: int, rank: int, tmp: str, out: di
         real_reward, real_surrogate = mod.build_reward, mod.clipped_surrogate
         mod.build_reward = lambda *a, **k: _RewardSpy(real_reward(*a, **k), rewards)
         mod.clipped_surrogate = lambda lp, old, A, *a: advantages.append(A.detach()) or real_surrogate(lp, old, A, *a)
+        import common.evaluate as evaluate   # the rows of every evaluation rollout on this rank
+        real_rollout, eval_rows = evaluate.rollout, []
+        evaluate.rollout = lambda vf, x, *a, **k: eval_rows.append(x.shape[0]) or real_rollout(vf, x, *a, **k)
 
     def weights():
         return torch.cat([p.detach().flatten() for p in backends[-1].network.parameters() if p.requires_grad])
@@ -74,6 +79,8 @@ def run_case(name: str, flags: list[str], cut: int, rank: int, tmp: str, out: di
     out[f"{name}_a"] = weights()
     if name == "rats":                     # every rank evaluates (its share), so every rank has the final numbers
         out["rats_reward_student"] = torch.tensor(summary.get("reward_student", float("nan")))
+    if name == "rtdmd":                    # the same in rtdmd (its toy evaluations before, after stage 1, at the end)
+        out["rtdmd_summary"] = {k: v for k, v in summary.items() if isinstance(v, float)}
     if fake_losses:
         out[f"{name}_first_fake_loss"] = fake_losses[0].detach()
         out[f"{name}_rewards"], out[f"{name}_adv"] = torch.stack(rewards), torch.stack(advantages[::2])  # |S| = 2
@@ -86,6 +93,11 @@ def run_case(name: str, flags: list[str], cut: int, rank: int, tmp: str, out: di
     dist.barrier()
     mod.main(parse(["--resume", c]))
     out[f"{name}_c"] = weights()
+    if name == "rtdmd":                    # --eval-only on 2 ranks: each samples its share of every model's set
+        out["rtdmd_eval_rows"] = mod.main(parse(["--eval-only", "--ckpt", a, "--eval-nfe", "4", "--device", "cpu"]))[
+            "rows"]
+        out["rtdmd_eval_batches"] = sorted(set(eval_rows))
+        evaluate.rollout = real_rollout
     mod.get_backend = real_get
 
 
@@ -98,9 +110,21 @@ def worker(rank: int, world: int, port: int, tmp: str) -> None:
     out: dict = {}
     for name, (flags, cut) in CASES.items():
         run_case(name, flags, cut, rank, tmp, out)
+    out["sharded_cps"] = dist.gather_strided(_cps_samples(shard=True), 11)
     torch.save(out, os.path.join(tmp, f"rank{rank}.pt"))
     dist.barrier()
     real_cleanup()
+
+
+def _cps_samples(shard: bool) -> torch.Tensor:
+    """common.evaluate.sample_final of 11 toy points, stochastic CPS steps from one generator, in chunks of 4."""
+    from common.backend import get_backend
+    from common.evaluate import sample_final
+    backend = get_backend("toy2d", device=torch.device("cpu"))
+    noise = torch.randn(11, 2, generator=torch.Generator().manual_seed(3))
+    cond = backend.encode(backend.prompts()[:1]).repeat(11)
+    return sample_final(backend, backend.network, cond, noise, backend.sigmas(4), "cps", 0.9, 1.0,
+                        torch.Generator().manual_seed(7), batch_size=4, shard=shard)
 
 
 def _free_port() -> int:
@@ -153,3 +177,43 @@ def test_two_ranks_stay_equal_and_resume_exactly(tmp_path):
                                                "64", "--device", "cpu"], presets=rats.PRESETS))
     for key in ("reward_student", "dist_to_teacher", "kl_student_teacher", "mmd_student_teacher", "spread"):
         assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
+
+    # rtdmd.py too: its toy evaluations and --eval-only sample a share of the set on each rank and gather the samples
+    # before the KL histograms (before, every rank sampled the whole set): both ranks report the numbers one process
+    # finds on the same generator (the run's final gen_ema; the untouched base for *_init)
+    assert r0["rtdmd_summary"] == r1["rtdmd_summary"] and r0["rtdmd_eval_rows"] == r1["rtdmd_eval_rows"]
+    # each rank sampled half of every set: 200 toy-evaluation samples (--eval-samples), 4000 per --eval-only model
+    assert r0["rtdmd_eval_batches"] == r1["rtdmd_eval_batches"] == [100, 2000]
+    _compare_rtdmd_with_one_process(tmp_path / "rtdmd" / "a", r0["rtdmd_summary"], r0["rtdmd_eval_rows"])
+    # sample_final(shard=True) with several chunks: each stochastic step draws the chunk's noise as one process does
+    torch.testing.assert_close(r0["sharded_cps"], _cps_samples(shard=False), rtol=1e-5, atol=1e-6)
+    assert torch.equal(r0["sharded_cps"], r1["sharded_cps"])
+
+
+def _compare_rtdmd_with_one_process(run, two: dict, two_rows: list[dict]) -> None:
+    import rtdmd
+    from common.backend import get_backend
+    from common.config import parse_config
+    from common.rewards import build_reward
+    from common.runs import load_checkpoint
+    from common.train import load_trained, trained_tensors
+    cfg = parse_config(rtdmd.Config, [*CASES["rtdmd"][0], "--device", "cpu"], presets=rtdmd.PRESETS)
+    backend = get_backend("toy2d", seed=cfg.seed, device=torch.device("cpu"), teacher=cfg.toy_teacher)
+    reward = build_reward(cfg.reward, device=backend.device)
+    tilt = backend.target(0).tilt(reward.rewards[0], cfg.beta)
+    sigmas = backend.sigmas(len(cfg.timesteps), timesteps=cfg.timesteps)
+    init = rtdmd.toy_eval(backend, backend.network, sigmas, reward, cfg, tilt)
+    load_trained(trained_tensors(backend.network), load_checkpoint(str(run))["state"]["gen_ema"], "gen_ema")
+    final = rtdmd.toy_eval(backend, backend.network, sigmas, reward, cfg, tilt)
+    assert len(init) == 9 and len(final) == 9         # reward, kl_hist_* and kl_euler_* (+ se) to teacher and tilt
+    for k in init:
+        assert two[f"{k}_init"] == pytest.approx(init[k], rel=1e-5, abs=1e-7), k
+        assert two[f"{k}_stage2"] == pytest.approx(final[k], rel=1e-5, abs=1e-7), k
+    one = rtdmd.main(parse_config(rtdmd.Config, ["--eval-only", "--ckpt", str(run), "--eval-nfe", "4", "--device",
+                                                 "cpu"], presets=rtdmd.PRESETS))["rows"]
+    assert [r["model"] for r in one] == [r["model"] for r in two_rows] == [
+        "teacher (N=50, Euler)", "base generator (K=4)", "RTDMD (K=4)"]
+    for a, b in zip(two_rows, one):
+        assert set(a) == set(b) and "kl_tilted" in a
+        for k in a:
+            assert a[k] == (b[k] if isinstance(b[k], str) else pytest.approx(b[k], rel=1e-5, abs=1e-7)), k

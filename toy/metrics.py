@@ -5,6 +5,7 @@ Deterministic samplers (exact, unbiased):
       variables, along its own samples (from noise z) or at arbitrary points x (by inverting every step);
   kl_sampler(student_fn, student_sigmas, target, ...)  KL(q_student || target) = E_q[log q_S - log p_target], with
       target an exact log-density (mixture, tilted mixture) or a teacher velocity + its grid (its Euler density);
+  kl_exact_target(x, logq, target)  the same estimate for an exact target from the sampler's x and log q;
   kl_tilted(...)  KL(q || p_T e^{beta r} / Z) and its decomposition KL(q || p_T) - beta E_q[r] + log Z.
 Stochastic samplers (no tractable density): kl_histogram, a binned estimate with its error stated.
 Sample metrics: mmd (RBF, unbiased), mode_mass, reward_stats. Grid quadrature: grid_points, integrate_on_grid,
@@ -211,6 +212,16 @@ def kl_sampler(student_fn: VelocityFn, student_sigmas, target: Callable | Veloci
     kl, se = _mean_se(d)
     return {"kl": kl, "stderr": se, "n": int(d.numel()), "converged": float(ok.float().mean()),
             "x": fwd.x.float(), "logq": fwd.logq}
+
+
+def kl_exact_target(x: torch.Tensor, logq: torch.Tensor, target_logp: Callable) -> dict:
+    """kl_sampler's estimate for an exact target from its parts: samples x (n, 2) of a deterministic sampler with
+    their exact log q (n,) (euler_logdensity(z=...)'s x and logq, e.g. gathered from the processes that computed
+    their shares) and an exact log-density target_logp. Returns {"kl", "stderr"} (kl = inf where log q is not)."""
+    if not bool(torch.isfinite(logq).all()):
+        return {"kl": float("inf"), "stderr": float("nan")}
+    kl, se = _mean_se(logq - target_logp(x).to(torch.float64))
+    return {"kl": kl, "stderr": se}
 
 
 def kl_tilted(student_fn: VelocityFn, sigmas, teacher_logp: Callable, reward_fn: Callable, beta: float,
