@@ -89,6 +89,10 @@ class Config(RunConfig):
     cfg_scale: float = opt(1.0, "teacher (real score) CFG scale; the fake score never uses CFG", min=0)
     fake_copy: Literal["full", "adapter"] = opt("full", "fake score and teacher: full = two copies of the network; "
                                                 "adapter = a 2nd LoRA adapter + the base (LoRA backends only)")
+    lora_rank: int = opt(32, "LoRA rank of the generator's and the fake score's adapters (diffusers backends)", min=1)
+    lora_alpha: float = opt(64.0, "LoRA alpha: the adapters' scale is alpha / rank (spec 4.3: rank 32, alpha 64)",
+                            min=0)
+    gradient_checkpointing: bool = opt(False, "gradient checkpointing on the transformer blocks (diffusers presets)")
     # ----- stage 1: AC-DMD (steps = fake-score iterations) -----
     batch: int = opt(256, "stage-1 batch", min=1)
     dmd: Literal["ac", "plain"] = opt("ac", "ac = ambient (match x_s at s); plain = DMD2 (match x0_hat at s = 0)")
@@ -136,6 +140,10 @@ class Config(RunConfig):
     eval_per_prompt: int = opt(8, "with --eval-only: held-out samples per eval prompt", min=1)
 
 
+# the four diffusers families (spec 4.3): bf16 autocast on a bf16 frozen base, LoRA r 32 / alpha 64 on the generator
+# and the fake score (the fake a second adapter on the teacher's transformer), gradient checkpointing on
+DIFFUSERS = {"reward": "clip:1,pickscore:1,hps:1", "steps": 15000, "epochs": 1000, "precision": "bf16",
+             "fake_copy": "adapter", "gradient_checkpointing": True}
 PRESETS = {
     "toy2d": {"toy_teacher": "exact", "dmd_through": "all", "steps": 1500, "epochs": 300, "lr": 2e-4, "fake_lr": 1e-3,
               "advantage": "raw", "beta": 0.5,
@@ -145,19 +153,15 @@ PRESETS = {
     "dit": {"steps": 300, "epochs": 60, "batch": 32, "lr": 1e-4, "fake_lr": 3e-4, "groups": 4, "group_size": 8,
             "reward": "dit_color", "reward_opts": "color_target=red", "prompt_split": "open",
             "lr2": 3e-5, "weight_decay2": 0.0, "cfg_scale": 2.0},
-    "sd3": {"batch": 9, "lr": 3e-5, "fake_lr": 3e-5, "cfg_scale": 4.5, "groups": 2, "group_size": 24,
-            "reward": "clip:1,pickscore:1,hps:1", "steps": 15000, "epochs": 1000, "precision": "bf16",
-            "fake_copy": "adapter"},
+    "sd3": {"batch": 9, "lr": 3e-5, "fake_lr": 3e-5, "cfg_scale": 4.5, "groups": 2, "group_size": 24, **DIFFUSERS},
     # flux2 (spec decision 14): the generator starts from the step-distilled klein-4B (the backend's default), the
     # teacher and the fake from klein-base-4B, whose true CFG 4.0 with the empty prompt is the teacher's guidance
-    "flux2": {"batch": 6, "lr": 1e-6, "fake_lr": 1e-6, "cfg_scale": 4.0, "groups": 4, "group_size": 24,
-              "reward": "clip:1,pickscore:1,hps:1", "steps": 15000, "epochs": 1000, "precision": "bf16",
-              "fake_copy": "adapter", "teacher_pretrained": "black-forest-labs/FLUX.2-klein-base-4B"},
+    "flux2": {"batch": 6, "lr": 1e-6, "fake_lr": 1e-6, "cfg_scale": 4.0, "groups": 4, "group_size": 24, **DIFFUSERS,
+              "teacher_pretrained": "black-forest-labs/FLUX.2-klein-base-4B"},
     "flux": {"batch": 3, "lr": 1e-6, "fake_lr": 1e-6, "cfg_scale": 3.5, "groups": 2, "group_size": 24, "gamma2": 0.0,
-             "reward": "clip:1,pickscore:1,hps:1", "steps": 15000, "epochs": 1000, "precision": "bf16",
-             "fake_copy": "adapter"},
-    "wan": {"batch": 2, "lr": 1e-6, "fake_lr": 1e-6, "cfg_scale": 5.0, "groups": 2, "group_size": 8,
-            "reward": "clip", "steps": 15000, "epochs": 1000, "precision": "bf16", "fake_copy": "adapter"},
+             **DIFFUSERS},
+    "wan": {"batch": 2, "lr": 1e-6, "fake_lr": 1e-6, "cfg_scale": 5.0, "groups": 2, "group_size": 8, **DIFFUSERS,
+            "reward": "clip"},
 }
 FAKE_ADAPTER = "fake"     # --fake-copy adapter: the fake score's LoRA adapter on the generator's transformer
 
@@ -380,7 +384,7 @@ def main(cfg: Config):
     if cfg.eval_only and cfg.ckpt:   # the run's model and generator grid, as in rats.py and otca.py (parse_config
         trained = checkpoint_config(cfg.ckpt) or {}   # took its backend's preset); reward and eval flags: this command
         for k in ("teacher", "tiny", "pretrained", "teacher_pretrained", "toy_teacher", "seed", "timesteps",
-                  "eta"):
+                  "eta", "lora_rank", "lora_alpha"):
             setattr(cfg, k, trained.get(k, getattr(cfg, k)))
     problem = checks(cfg)        # (also at parse time from the command line; here for main(cfg) callers)
     if problem:
@@ -397,7 +401,9 @@ def main(cfg: Config):
     backend = get_backend(cfg.teacher, tiny=cfg.tiny, seed=cfg.seed, device=device,
                           **({"teacher": cfg.toy_teacher} if cfg.toy_teacher else {}),
                           **({"pretrained": cfg.pretrained} if cfg.pretrained else {}),
-                          **({"teacher_pretrained": cfg.teacher_pretrained} if cfg.teacher_pretrained else {}))
+                          **({"teacher_pretrained": cfg.teacher_pretrained} if cfg.teacher_pretrained else {}),
+                          lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                          gradient_checkpointing=cfg.gradient_checkpointing)
     dev = backend.device
     extra = dict(kv.split("=", 1) for kv in cfg.reward_opts.split(",") if "=" in kv)
     reward = build_reward(cfg.reward, device=dev, tiny=cfg.tiny, **extra)

@@ -185,3 +185,31 @@ def test_adapter_mode_without_lora_is_one_line(tmp_path, capsys, restore_torch_g
                                     presets=rtdmd.PRESETS))
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.strip().count("\n") == 0 and "--fake-copy full" in err
+
+
+class _Built(Exception):
+    """Raised by the spy below once rtdmd.main has built its networks: nothing else of the run is needed."""
+
+
+def test_lora_rank_alpha_and_checkpointing_reach_both_adapters(tmp_path, monkeypatch, restore_torch_globals):
+    """--lora-rank / --lora-alpha shape the generator's and the fake score's adapters (spec 4.3: rank 32, alpha 64,
+    scale alpha / rank = 2, not peft's alpha = rank), and the diffusers presets turn gradient checkpointing on."""
+    built = {}
+
+    def spy(backend, mode):
+        built["models"] = real(backend, mode)
+        raise _Built
+
+    real = rtdmd.build_models
+    monkeypatch.setattr(rtdmd, "build_models", spy)
+    with pytest.raises(_Built):
+        rtdmd.main(parse_config(rtdmd.Config, ["--teacher", "flux", "--tiny", "--device", "cpu", "--out",
+                                               str(tmp_path), "--lora-rank", "4"], presets=rtdmd.PRESETS))
+    net = built["models"].gen                 # adapter mode (the preset): both adapters on this transformer
+    for name in (ADAPTER, rtdmd.FAKE_ADAPTER):
+        assert (net.peft_config[name].r, net.peft_config[name].lora_alpha) == (4, 64.0)
+    layer = next(m for m in net.modules() if hasattr(m, "scaling") and ADAPTER in m.scaling)
+    assert layer.scaling[ADAPTER] == layer.scaling[rtdmd.FAKE_ADAPTER] == 16.0
+    assert net.is_gradient_checkpointing
+    cfg = parse_config(rtdmd.Config, ["--teacher", "flux", "--gradient-checkpointing", "false"], presets=rtdmd.PRESETS)
+    assert not cfg.gradient_checkpointing and cfg.lora_alpha == 64.0 and cfg.lora_rank == 32
