@@ -19,8 +19,9 @@ an 80 GB GPU), with the same losses and gradients (tests/test_rtdmd_lora.py). Ch
 only (on FLUX.1 the adapters: 0.6 GB where the three full state dicts were 72 GB) and the script's random streams.
 The teacher is the generator's own model, except with `--teacher-pretrained` (the flux2 preset, spec decision 14): the
 step-distilled FLUX.2-klein-4B generator, the teacher and fake from FLUX.2-klein-base-4B (true CFG at --cfg-scale 4
-with the empty prompt, decided per network; a scale the teacher would ignore is a one-line error); build_models has
-the layouts (adapter mode: two transformers), --tiny a base twin of other weights.
+with the empty prompt, decided per network; a scale the teacher would ignore is a one-line error);
+common/dmd_models.py's build_models has the layouts (adapter mode: two transformers), --tiny a base twin of other
+weights.
 
 Simplifications against the official code (shared/spec/rtdmd.md): data parallel only (under torchrun each rank holds the
 networks, draws its own --batch / --groups, and every optimiser step uses the gradients averaged over ranks; no FSDP),
@@ -47,22 +48,22 @@ On a backend with fewer prompts than groups, groups of one prompt get distinct s
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import random
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Literal
+from typing import Literal
 
 import torch
 
 from common import dist
-from common.backend import calls_as, get_backend
+from common.backend import get_backend
 from common.config import ConfigError, RunConfig, opt, parse_config, user_errors
 from common.dmd import (ambient_fake_loss, ambient_forward, ambient_target, ambient_weight, batched_velocity,
                         consistency_loss, dmd_loss, kl_direction, linear_surrogate, per_reward_advantages, project_pair,
                         raw_advantages, sample_consistency_level, sample_renoise_level, subgrpo_noises,
                         subgrpo_steps)
+from common.dmd_models import Models, build_models
 from common.evaluate import save_samples
 from common.flow import rollout, transition_logprob
 from common.prompts import load_prompts
@@ -70,7 +71,7 @@ from common.rewards import build_reward
 from common.rl import clip_fraction, clipped_surrogate
 from common.runs import Run, checkpoint_config
 from common.train import (EMA, autocast, clip_grad, detached, load_trained, make_optimizer, seed_everything,
-                          set_hyperparameters, trained_tensors)
+                          set_hyperparameters)
 
 
 @dataclass
@@ -163,7 +164,6 @@ PRESETS = {
     "wan": {"batch": 2, "lr": 1e-6, "fake_lr": 1e-6, "cfg_scale": 5.0, "groups": 2, "group_size": 8, **DIFFUSERS,
             "reward": "clip"},
 }
-FAKE_ADAPTER = "fake"     # --fake-copy adapter: the fake score's LoRA adapter on the generator's transformer
 
 
 def checks(cfg: Config) -> str | None:
@@ -180,83 +180,6 @@ def checks(cfg: Config) -> str | None:
         return (f"--teacher-pretrained loads a diffusers checkpoint (flux, wan, sd3, flux2); the {cfg.teacher} "
                 f"teacher is the generator's own model: pass --teacher-pretrained ''")
     return None
-
-
-@dataclass
-class Models:
-    """RTDMD's three networks and how each is called. gen is trained; fake (trained) and teacher (frozen) are
-    separate modules with --fake-copy full; with --fake-copy adapter they share one module (the generator's, or the
-    teacher checkpoint's), where every call of theirs (the fake's backward included) must run inside fake_ctx() /
-    teacher_ctx() (nullcontext otherwise). gen_named / fake_named: the trained tensors, keyed by their path in a
-    separate copy of the network (the checkpoint keys, the same in both modes). fake_from_gen: the fake starts as
-    the generator (the teacher is the generator's own model), so --eval-only can sample the trained generator in the
-    fake's place."""
-    gen: torch.nn.Module
-    fake: torch.nn.Module
-    teacher: torch.nn.Module
-    fake_ctx: Callable[[], ContextManager]
-    teacher_ctx: Callable[[], ContextManager]
-    gen_named: dict[str, torch.Tensor]
-    fake_named: dict[str, torch.Tensor]
-    fake_from_gen: bool = True
-
-
-def build_models(backend, mode: str) -> Models:
-    """The generator (backend.network), the fake score and the teacher (real score).
-
-    The teacher is the generator's own model (--teacher-pretrained '', every preset but flux2), or the checkpoint
-    that the backend loaded beside it as backend.teacher_net (backend.teacher_pretrained: FLUX.2's klein-base beside
-    the step-distilled klein generator, spec decision 14); the fake starts as the teacher either way (with a copy of
-    the generator's starting LoRA adapter, which is zero). Layouts:
-      own model, full:        gen; fake = deep copy of gen (trained); teacher = the backend's exact one (toy) or a
-                              frozen deep copy of gen: three networks
-      own model, adapter:     ONE transformer: gen's, with its adapter (gen), a second adapter (fake), and adapters
-                              off (teacher): the frozen copy of the starting generator is its base (its adapter
-                              starts at zero), also after --init (the stage-1 adapter is loaded into gen afterwards)
-      teacher ckpt, full:     gen; teacher = backend.teacher_net (frozen); fake = deep copy of it, trained (its LoRA
-                              adapter, or every weight with --full-finetune): three networks
-      teacher ckpt, adapter:  TWO transformers: gen's with its adapter (gen), and the teacher's with the fake's adapter
-                              (fake) and adapters off (teacher)
-    adapter mode needs a LoRA generator (else ConfigError)."""
-    gen = backend.network
-    lora = hasattr(backend, "use_adapter") and backend.has_lora(gen)
-    if mode == "adapter" and not lora:
-        raise ConfigError(f"--fake-copy adapter needs a LoRA backend (flux, wan, sd3, flux2 without full "
-                          f"fine-tuning); {backend.name} has none: use --fake-copy full")
-    null = contextlib.nullcontext
-    if getattr(backend, "teacher_pretrained", None):    # a teacher checkpoint of its own: the fake starts from it
-        teacher = backend.teacher_net
-        fake = copy.deepcopy(teacher).train() if mode == "full" else teacher
-        if lora:
-            from common.backends.base import ADAPTER
-            backend.add_adapter_copy(fake, ADAPTER, source_net=gen)
-        else:
-            fake.requires_grad_(True)
-        if mode == "full":
-            return Models(gen, fake, teacher, null, null, trained_tensors(gen), trained_tensors(fake), False)
-        return Models(gen, fake, teacher, lambda: calls_as(fake, "fake"),
-                      lambda: _both(backend.reference(teacher), calls_as(teacher, "teacher")), trained_tensors(gen),
-                      trained_tensors(fake), False)
-    if mode == "full":
-        fake = copy.deepcopy(gen).train()
-        teacher = getattr(backend, "teacher_net", None)
-        teacher = backend.frozen_copy(gen) if teacher is None or teacher is gen else teacher
-        return Models(gen, fake, teacher, null, null, trained_tensors(gen), trained_tensors(fake))
-    from common.backends.base import ADAPTER
-    gen_named = trained_tensors(gen)     # the generator's adapter, before the fake's exists
-    backend.add_adapter_copy(gen, FAKE_ADAPTER, source=ADAPTER)
-    fake_named = backend.adapter_parameters(gen, FAKE_ADAPTER, key_as=ADAPTER)
-    if set(fake_named) != set(gen_named):
-        raise RuntimeError("the fake adapter's tensors do not mirror the generator's trained ones")
-    return Models(gen, gen, gen, lambda: _both(backend.use_adapter(gen, FAKE_ADAPTER), calls_as(gen, "fake")),
-                  lambda: _both(backend.reference(gen), calls_as(gen, "teacher")), gen_named, fake_named)
-
-
-@contextlib.contextmanager
-def _both(first: ContextManager, second: ContextManager):
-    """first's block with second inside it (a context factory for Models.fake_ctx / teacher_ctx)."""
-    with first, second:
-        yield
 
 
 def stage2_rollout(vfn, x, sigmas, noises, S, eta: float, chain: bool, generator, logprob: str, reduce: str):

@@ -2,6 +2,7 @@
 second adapter on the generator's transformer and the teacher its base (adapters off). Checked on tiny FLUX.1
 (float32 on the CPU): the same losses and gradients as separate copies, one copy of the base weights, adapter
 switches that give every flag back, checkpoints without base weights and an exact resume."""
+import copy
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import rtdmd
 from common.backend import get_backend
 from common.backends.base import ADAPTER, adapter_state, is_adapter_tensor
 from common.config import parse_config
+from common.dmd_models import FAKE_ADAPTER
 from common.runs import list_checkpoints, load_checkpoint
 
 TINY = ["--teacher", "flux", "--tiny", "--device", "cpu", "--precision", "fp32", "--reward", "clip",
@@ -100,13 +102,13 @@ def test_eval_only_without_a_copy_of_the_transformer(runs, tmp_path, monkeypatch
     of the transformer, FLUX.1: 24 GB), the teacher is the base; the table equals the one of --fake-copy full,
     which evaluates separate copies, on the same checkpoint."""
     d, _, _ = runs["adapter"]
-    rows, deepcopy = {}, rtdmd.copy.deepcopy
+    rows, deepcopy = {}, copy.deepcopy
     for mode in ("full", "adapter"):
         if mode == "adapter":     # no network is deep-copied in adapter mode (tokenizers may be)
             def no_copy(x, *a, **k):
                 assert not isinstance(x, torch.nn.Module), f"{type(x).__name__} deep-copied"
                 return deepcopy(x, *a, **k)
-            monkeypatch.setattr(rtdmd.copy, "deepcopy", no_copy)
+            monkeypatch.setattr(copy, "deepcopy", no_copy)
         out = rtdmd.main(parse_config(rtdmd.Config, [*TINY, "--fake-copy", mode, "--eval-only", "--ckpt", str(d),
                                                      "--eval-nfe", "2", "--eval-per-prompt", "1",
                                                      "--out", str(tmp_path / mode)], presets=rtdmd.PRESETS))
@@ -206,10 +208,10 @@ def test_lora_rank_alpha_and_checkpointing_reach_both_adapters(tmp_path, monkeyp
         rtdmd.main(parse_config(rtdmd.Config, ["--teacher", "flux", "--tiny", "--device", "cpu", "--out",
                                                str(tmp_path), "--lora-rank", "4"], presets=rtdmd.PRESETS))
     net = built["models"].gen                 # adapter mode (the preset): both adapters on this transformer
-    for name in (ADAPTER, rtdmd.FAKE_ADAPTER):
+    for name in (ADAPTER, FAKE_ADAPTER):
         assert (net.peft_config[name].r, net.peft_config[name].lora_alpha) == (4, 64.0)
     layer = next(m for m in net.modules() if hasattr(m, "scaling") and ADAPTER in m.scaling)
-    assert layer.scaling[ADAPTER] == layer.scaling[rtdmd.FAKE_ADAPTER] == 16.0
+    assert layer.scaling[ADAPTER] == layer.scaling[FAKE_ADAPTER] == 16.0
     assert net.is_gradient_checkpointing
     cfg = parse_config(rtdmd.Config, ["--teacher", "flux", "--gradient-checkpointing", "false"], presets=rtdmd.PRESETS)
     assert not cfg.gradient_checkpointing and cfg.lora_alpha == 64.0 and cfg.lora_rank == 32
