@@ -59,13 +59,13 @@ import torch
 from common import dist
 from common.backend import get_backend
 from common.config import ConfigError, RunConfig, opt, parse_config, user_errors
-from common.dmd import (ambient_fake_loss, ambient_forward, ambient_target, ambient_weight, batched_velocity,
-                        consistency_loss, dmd_loss, kl_direction, linear_surrogate, per_reward_advantages, project_pair,
-                        raw_advantages, sample_consistency_level, sample_renoise_level, subgrpo_noises,
+from common.dmd import (ambient_fake_loss, ambient_forward, ambient_target, ambient_weight, consistency_loss, dmd_loss,
+                        kl_direction, linear_surrogate, per_reward_advantages, project_pair, raw_advantages,
+                        sample_consistency_level, sample_renoise_level, stage2_rollout, stage2_terms, subgrpo_noises,
                         subgrpo_steps)
 from common.dmd_models import Models, build_models
 from common.evaluate import save_samples
-from common.flow import rollout, transition_logprob
+from common.flow import rollout
 from common.prompts import load_prompts
 from common.rewards import build_reward
 from common.rl import clip_fraction, clipped_surrogate
@@ -180,42 +180,6 @@ def checks(cfg: Config) -> str | None:
         return (f"--teacher-pretrained loads a diffusers checkpoint (flux, wan, sd3, flux2); the {cfg.teacher} "
                 f"teacher is the generator's own model: pass --teacher-pretrained ''")
     return None
-
-
-def stage2_rollout(vfn, x, sigmas, noises, S, eta: float, chain: bool, generator, logprob: str, reduce: str):
-    """Stage 2's CPS rollout from x (B, ...), in the graph where the loss needs it: common.flow.Trajectory.
-
-    The generator's weights do not change between the rollout and the loss (only the fake score is updated in
-    between), so the rollout's own evaluations are the loss's: chain (--dmd-through all): every step with its
-    graph through the chain, tr.final is the DMD sample (re-running the chain from the same start and noises would
-    evaluate the same K inputs twice). Otherwise only the trained steps S and the deterministic last step keep a
-    graph, with their inputs detached (through the weights only): tr.logprobs[:, j] (j in S) is the recomputed
-    log pi(x_{j+1} | x_j) of the policy gradient and tr.final is x0_last = z - sigma_{K-1} v(z), z fixed.
-    The noise drawn from `generator` is the same in every mode (the draws do not depend on the graph)."""
-    K = len(sigmas) - 1
-    return rollout(vfn, x, sigmas, "cps", eta, grad="all" if chain else {*S, K - 1}, detach_inputs=not chain,
-                   noises=noises, generator=generator, logprob=logprob, reduce=reduce)
-
-
-def stage2_terms(vfn, tr, sigmas, S, eta: float, chain: bool, logprob: str, reduce: str):
-    """The generator terms of the stage-2 loss: ([log pi(x_{j+1} | x_j) (B,) for j in S], x0_last, x0), (B, ...).
-
-    x0_last = z - sigma_{K-1} v(z) with z = x_{K-1} fixed (reward back-propagation; the DMD sample x0 too unless
-    chain, where x0 = tr.final through the whole chain). Without chain they are stage2_rollout's own records. With
-    chain, the policy gradient and the back-propagation need the network at the rollout's states with the inputs
-    FIXED, a gradient path (weights only) distinct from the chain's (through the states): sharing the chain's
-    evaluations would need a custom backward, so the |S| + 1 fixed-input evaluations are made again, as ONE batched
-    call (vfn must be a Backend.tiled_velocity_fn) whose log-probabilities follow common.flow.transition_logprob."""
-    K = len(sigmas) - 1
-    if not chain:
-        return [tr.logprobs[:, j] for j in S], tr.final, tr.final
-    steps = [*S, K - 1]
-    xs = [tr.states[:, j].detach() for j in steps]
-    vs = batched_velocity(vfn, xs, [sigmas[j] for j in steps])
-    # transition_logprob's maths on the velocity already evaluated (its velocity_fn returns v)
-    lps = [transition_logprob(lambda *_, v=v: v, x, tr.states[:, j + 1].detach(), sigmas[j], sigmas[j + 1], "cps",
-                              eta, logprob, reduce)[0] for j, x, v in zip(S, xs, vs)]
-    return lps, xs[-1] - sigmas[K - 1] * vs[-1], tr.final
 
 
 def toy_eval(backend, gen, sigmas, reward, cfg, tilt, euler: bool = True, save_dir: str | None = None) -> dict:

@@ -14,6 +14,8 @@ Pieces (each a small pure function; the script rtdmd.py composes them):
   SubGRPO             2 of the 3 stochastic steps per epoch; shared noise at the others, seeded by
                       (sha256(prompt), step, epoch)                                                     (Sec. 3.5)
   advantages          per reward: group mean / global std; weighted sum; re-standardised; clamp 5       (Sec. 3.3)
+  stage-2 terms       the CPS rollout in the loss's graph, then the log-probabilities on S and x0_last from it
+                      (or, through the whole chain, the |S| + 1 fixed-input evaluations as one batched call)
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from typing import Sequence
 
 import torch
 
-from common.flow import bcast, sde_step, velocity_to_x0
+from common.flow import bcast, rollout, sde_step, transition_logprob, velocity_to_x0
 from common.rl import group_advantages
 
 CONSISTENCY_KERNELS = ("cps", "ddpm")
@@ -304,3 +306,42 @@ def sample_consistency_level(t: torch.Tensor, generator: torch.Generator | None 
     d = torch.randint(1, max_offset + 1, tau.shape, generator=generator,
                       device=generator.device if generator is not None else tau.device).to(tau.device)
     return (tau - d).clamp_min(0) / 1000
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 2: the rollout and the generator terms of the hybrid loss, no network input evaluated twice
+# ----------------------------------------------------------------------------------------------------------
+def stage2_rollout(vfn, x, sigmas, noises, S, eta: float, chain: bool, generator, logprob: str, reduce: str):
+    """Stage 2's CPS rollout from x (B, ...), in the graph where the loss needs it: common.flow.Trajectory.
+
+    The generator's weights do not change between the rollout and the loss (only the fake score is updated in
+    between), so the rollout's own evaluations are the loss's: chain (--dmd-through all): every step with its
+    graph through the chain, tr.final is the DMD sample (re-running the chain from the same start and noises would
+    evaluate the same K inputs twice). Otherwise only the trained steps S and the deterministic last step keep a
+    graph, with their inputs detached (through the weights only): tr.logprobs[:, j] (j in S) is the recomputed
+    log pi(x_{j+1} | x_j) of the policy gradient and tr.final is x0_last = z - sigma_{K-1} v(z), z fixed.
+    The noise drawn from `generator` is the same in every mode (the draws do not depend on the graph)."""
+    K = len(sigmas) - 1
+    return rollout(vfn, x, sigmas, "cps", eta, grad="all" if chain else {*S, K - 1}, detach_inputs=not chain,
+                   noises=noises, generator=generator, logprob=logprob, reduce=reduce)
+
+
+def stage2_terms(vfn, tr, sigmas, S, eta: float, chain: bool, logprob: str, reduce: str):
+    """The generator terms of the stage-2 loss: ([log pi(x_{j+1} | x_j) (B,) for j in S], x0_last, x0), (B, ...).
+
+    x0_last = z - sigma_{K-1} v(z) with z = x_{K-1} fixed (reward back-propagation; the DMD sample x0 too unless
+    chain, where x0 = tr.final through the whole chain). Without chain they are stage2_rollout's own records. With
+    chain, the policy gradient and the back-propagation need the network at the rollout's states with the inputs
+    FIXED, a gradient path (weights only) distinct from the chain's (through the states): sharing the chain's
+    evaluations would need a custom backward, so the |S| + 1 fixed-input evaluations are made again, as ONE batched
+    call (vfn must be a Backend.tiled_velocity_fn) whose log-probabilities follow common.flow.transition_logprob."""
+    K = len(sigmas) - 1
+    if not chain:
+        return [tr.logprobs[:, j] for j in S], tr.final, tr.final
+    steps = [*S, K - 1]
+    xs = [tr.states[:, j].detach() for j in steps]
+    vs = batched_velocity(vfn, xs, [sigmas[j] for j in steps])
+    # transition_logprob's maths on the velocity already evaluated (its velocity_fn returns v)
+    lps = [transition_logprob(lambda *_, v=v: v, x, tr.states[:, j + 1].detach(), sigmas[j], sigmas[j + 1], "cps",
+                              eta, logprob, reduce)[0] for j, x, v in zip(S, xs, vs)]
+    return lps, xs[-1] - sigmas[K - 1] * vs[-1], tr.final
