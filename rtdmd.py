@@ -48,7 +48,6 @@ On a backend with fewer prompts than groups, groups of one prompt get distinct s
 """
 from __future__ import annotations
 
-import copy
 import os
 import random
 from dataclasses import dataclass
@@ -64,14 +63,14 @@ from common.dmd import (ambient_fake_loss, ambient_forward, ambient_target, ambi
                         sample_consistency_level, sample_renoise_level, stage2_rollout, stage2_terms, subgrpo_noises,
                         subgrpo_steps)
 from common.dmd_models import Models, build_models
-from common.evaluate import save_samples
 from common.flow import rollout
 from common.prompts import load_prompts
 from common.rewards import build_reward
 from common.rl import clip_fraction, clipped_surrogate
-from common.runs import Run, checkpoint_config
-from common.train import (EMA, autocast, clip_grad, detached, load_trained, make_optimizer, seed_everything,
-                          set_hyperparameters)
+from common.runs import Run, as_tuples, checkpoint_config
+from common.train import (EMA, autocast, clip_grad, detached, ema_tensors, load_trained, make_optimizer,
+                          seed_everything, set_hyperparameters)
+from toy.evaluate import small_eval_config, toy_eval
 
 
 @dataclass
@@ -180,43 +179,6 @@ def checks(cfg: Config) -> str | None:
         return (f"--teacher-pretrained loads a diffusers checkpoint (flux, wan, sd3, flux2); the {cfg.teacher} "
                 f"teacher is the generator's own model: pass --teacher-pretrained ''")
     return None
-
-
-def toy_eval(backend, gen, sigmas, reward, cfg, tilt, euler: bool = True, save_dir: str | None = None) -> dict:
-    """Toy only: distances of the generator's law to the exact teacher and to p_tilt.
-
-    The trained generator is stochastic (CPS eta): kl_hist_* are toy/metrics.kl_histogram estimates (binned KL,
-    Miller-Madow corrected, +-stderr; a lower bound of the continuous KL up to O(h^2)). kl_euler_* are exact
-    change-of-variables KLs of the same network sampled deterministically (eta = 0), a different sampler.
-    Under torchrun (on every rank) each rank samples its share (sample_final(shard=True); the Euler densities too),
-    gathered before the KLs, which need every sample: each rank gets the one-process numbers."""
-    from common.evaluate import sample_final
-    from toy.metrics import euler_logdensity, kl_exact_target, kl_histogram
-    mix, n = backend.target(0), cfg.eval_samples
-    g = torch.Generator().manual_seed(12345)
-    cond = backend.encode(backend.prompts()[:1]).repeat(n)
-    # drawn on the CPU (the same held-out set on any device), used on the backend's
-    noise = torch.randn(n, *backend.latent_shape, generator=g).to(backend.device)
-    x = dist.gather_strided(sample_final(backend, gen, cond, noise, sigmas, "cps", cfg.eta, 1.0, g, shard=True), n)
-    with torch.no_grad():
-        r = reward.combine(reward(backend.decode(x)))
-    if save_dir:   # the final samples with the density they aim at (p_tilt when tilting), for the demo's figure
-        save_samples(save_dir, x, tilt[0] if tilt else mix)
-    out = {"reward": float(r.mean())}
-    if euler:      # the eta = 0 sampler's exact density along its own samples from the first 4096 noises
-        m = min(n, 4096)
-        rows = dist.strided_rows(m)
-        e = euler_logdensity(backend.velocity_fn(gen, cond.select(rows), 1.0), sigmas, z=noise[rows])
-        x_e, logq = dist.gather_strided(e.x, m), dist.gather_strided(e.logq, m)
-    for name, target in (("teacher", mix), ("tilted", tilt[0] if tilt else None)):
-        if target is None:
-            continue
-        h = kl_histogram(x, target.log_prob, bounds=(-6.0, 6.0, -6.0, 6.0), bins=48)
-        out[f"kl_hist_{name}"], out[f"kl_hist_{name}_se"] = h["kl"], h["stderr"]
-        if euler:
-            k = kl_exact_target(x_e, logq, target.log_prob)
-            out[f"kl_euler_{name}"], out[f"kl_euler_{name}_se"] = k["kl"], k["stderr"]
-    return out
 
 
 def eval_only(cfg: Config, backend, models: Models, reward, tilt) -> dict:
@@ -398,7 +360,7 @@ def main(cfg: Config):
     # toy's stage-1 evaluation, which a run resumed inside stage 2 cannot redo (its generator has moved on)
     ev1 = None
     snapshot = lambda: {"gen": detached(models.gen_named), "fake": detached(models.fake_named),
-                        "ema": ema.state_dict(), "gen_ema": _ema_state(models.gen_named, ema),
+                        "ema": ema.state_dict(), "gen_ema": ema_tensors(models.gen_named, ema),
                         "opt_gen": opt_gen.state_dict(), "opt_fake": opt_fake.state_dict(),
                         "streams": dist.gather_objects({"prompts": rng.getstate(), "noise": gcpu.get_state()}),
                         "eval_stage1": ev1}
@@ -411,7 +373,7 @@ def main(cfg: Config):
         opt_gen.load_state_dict(state["opt_gen"]), opt_fake.load_state_dict(state["opt_fake"])
         if "streams" in state:   # one per rank (older checkpoints: one dict; none: they restart from the seed)
             own = dist.this_ranks(state["streams"] if isinstance(state["streams"], list) else [state["streams"]])
-            rng.setstate(_as_tuple(own["prompts"])), gcpu.set_state(own["noise"])
+            rng.setstate(as_tuples(own["prompts"])), gcpu.set_state(own["noise"])
     n1 = cfg.steps if run_stage1 else 0
 
     with run.interrupt_guard(snapshot):
@@ -449,7 +411,7 @@ def main(cfg: Config):
             if is_toy and (step + 1) % max(1, n1 // 5) == 0:
                 with ema.swapped():
                     logs.update({f"eval_{k_}": v for k_, v in toy_eval(backend, gen, sigmas, reward,
-                                                                        _small(cfg), tilt, False).items()})
+                                                                        small_eval_config(cfg), tilt, False).items()})
             run.log(step + 1, **logs)
             if run.due(step + 1):
                 run.save(step + 1, snapshot())
@@ -546,8 +508,8 @@ def main(cfg: Config):
                 logs["clipfrac"] = torch.stack(clipfrac).mean()
             if is_toy and (epoch + 1) % max(1, cfg.epochs // 5) == 0:
                 with ema.swapped():   # the stage-2 EMA, as stage 1 evaluates its own: the weights gen_ema ships
-                    logs.update({f"eval_{k_}": v for k_, v in toy_eval(backend, gen, sigmas, reward, _small(cfg),
-                                                                        tilt, False).items()})
+                    logs.update({f"eval_{k_}": v for k_, v in toy_eval(backend, gen, sigmas, reward,
+                                                                        small_eval_config(cfg), tilt, False).items()})
             run.log(n1 + epoch + 1, **logs)
             if run.due(n1 + epoch + 1):
                 run.save(n1 + epoch + 1, snapshot())
@@ -573,25 +535,6 @@ def main(cfg: Config):
     run.finish(summary, snapshot())
     dist.cleanup()
     return summary
-
-
-def _ema_state(named: dict[str, torch.Tensor], ema: EMA) -> dict[str, torch.Tensor]:
-    """The generator's trained tensors (named: key -> parameter, the EMA's parameters) with the EMA averages in
-    their place: what --init and --eval-only load."""
-    with ema.swapped():
-        return {k: p.detach().clone() for k, p in named.items()}
-
-
-def _as_tuple(v):
-    """random.Random.setstate wants tuples all the way down (a checkpoint may give lists back)."""
-    return tuple(_as_tuple(x) for x in v) if isinstance(v, (list, tuple)) else v
-
-
-def _small(cfg):
-    """A cheaper copy of the config for the periodic in-training evaluation."""
-    c = copy.copy(cfg)
-    c.eval_samples = min(cfg.eval_samples, 4000)
-    return c
 
 
 if __name__ == "__main__":

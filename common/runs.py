@@ -81,6 +81,12 @@ def set_rng_state(s: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(cuda)
 
 
+def as_tuples(v):
+    """A random.Random.getstate() read back from a checkpoint, as setstate takes it: setstate wants tuples all the
+    way down, and a checkpoint may give the state back as lists."""
+    return tuple(as_tuples(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
 # ----- checkpoint files ------------------------------------------------------------------------------------
 def _write_text_atomic(path: str, text: str) -> None:
     """A small text file (config.json, summary.json, metrics.jsonl cut back) written to path.tmp, then renamed over

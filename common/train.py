@@ -6,6 +6,7 @@
     ema = EMA(net, decay=0.995)                                 # or EMA(params, ..., shadow=teacher)
     ema.update()                                                # after every optimizer step
     named = trained_tensors(net)                                # what a checkpoint holds: the trained tensors
+    averaged = ema_tensors(named, ema)                          # the same keys with the EMA averages (cloned)
     load_trained(named, ckpt["state"]["net"], "--ckpt run/")     # back in place; a missing one is a one-line error
     with autocast(cfg.precision, device): ...                   # bf16 autocast, or nothing for fp32
 """
@@ -165,6 +166,13 @@ def trained_tensors(net: nn.Module) -> dict[str, nn.Parameter]:
 def detached(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """named's tensors detached, for a checkpoint (torch.save writes them; no copy is made here)."""
     return {k: p.detach() for k, p in named.items()}
+
+
+def ema_tensors(named: dict[str, torch.Tensor], ema: EMA) -> dict[str, torch.Tensor]:
+    """The trained tensors (named: key -> parameter, the EMA's parameters) with the EMA averages in their place,
+    cloned: a checkpoint's averaged weights (rtdmd.py's gen_ema, what --init and --eval-only load)."""
+    with ema.swapped():
+        return {k: p.detach().clone() for k, p in named.items()}
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ import torch
 
 import rtdmd
 from common.config import parse_config
+from toy.evaluate import small_eval_config, toy_eval
 
 def _run(tmp_path, *argv):
     cfg = parse_config(rtdmd.Config, ["--out", str(tmp_path), *argv], presets=rtdmd.PRESETS)
@@ -42,7 +43,7 @@ def test_toy_both_stages_summary(tmp_path):
 
 
 def _eval_gen_ema(run_dir, *argv, euler=True):
-    """rtdmd.toy_eval of the run's final checkpoint's gen_ema, loaded into a fresh toy generator."""
+    """toy_eval of the run's final checkpoint's gen_ema, loaded into a fresh toy generator."""
     from common.backend import get_backend
     from common.rewards import build_reward
     from common.runs import load_checkpoint
@@ -52,8 +53,8 @@ def _eval_gen_ema(run_dir, *argv, euler=True):
     reward = build_reward(cfg.reward, device=backend.device)
     load_trained(trained_tensors(backend.network), load_checkpoint(str(run_dir), method="rtdmd")["state"]["gen_ema"],
                  "gen_ema")
-    return rtdmd.toy_eval(backend, backend.network, backend.sigmas(4), reward, cfg if euler else rtdmd._small(cfg),
-                          backend.target(0).tilt(reward.rewards[0], cfg.beta), euler)
+    return toy_eval(backend, backend.network, backend.sigmas(4), reward, cfg if euler else small_eval_config(cfg),
+                    backend.target(0).tilt(reward.rewards[0], cfg.beta), euler)
 
 
 def test_stage2_is_evaluated_on_the_ema_that_the_checkpoint_ships(tmp_path):
