@@ -284,7 +284,9 @@ def main(cfg: Config):
     if is_toy:
         tilt = backend.target(0).tilt(reward.rewards[0], cfg.beta)  # (p_tilt mixture, log Z), closed form
     if cfg.eval_only:
-        return eval_only(cfg, backend, models, reward, tilt)
+        out = eval_only(cfg, backend, models, reward, tilt)
+        dist.cleanup()     # leave torchrun's process group, as a training run does at its end
+        return out
     # the script's random streams, one per rank (rank 0's are a single process's): prompts, and every noise
     rng = random.Random(cfg.seed + 7919 * rank)
     gcpu = torch.Generator().manual_seed(cfg.seed + 1 + 7919 * rank)

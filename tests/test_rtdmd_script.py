@@ -205,3 +205,19 @@ def test_precision_sets_autocast_on_the_training_calls(tmp_path, monkeypatch, pr
     rtdmd.main(parse_config(rtdmd.Config, ["--steps", "2", "--epochs", "1", "--eval-samples", "100", "--precision",
                                            precision, "--out", str(tmp_path)], presets=rtdmd.PRESETS))
     assert any(seen) == (precision == "bf16") and not all(seen)
+
+
+@pytest.mark.usefixtures("restore_torch_globals")
+def test_eval_only_leaves_the_process_group(tmp_path):
+    """--eval-only cleans up like a training run (dist.cleanup at the end of main): under torchrun the process group
+    is left, not leaked. A one-process gloo group stands in for torchrun's."""
+    import torch.distributed as tdist
+    tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
+    try:
+        out = rtdmd.main(parse_config(rtdmd.Config, ["--eval-only", "--eval-nfe", "2", "--device", "cpu", "--out",
+                                                     str(tmp_path)], presets=rtdmd.PRESETS))
+        assert [r["model"] for r in out["rows"]] == ["teacher (N=50, Euler)", "base generator (K=2)"]
+        assert not tdist.is_initialized()
+    finally:
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
