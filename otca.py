@@ -360,7 +360,9 @@ def main(cfg: Config) -> dict:
         backend.keep_reference(net)  # full fine-tuning: a frozen copy of the base (with a LoRA nothing is kept)
     opt_ = make_optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.eval_only:
-        return eval_only(cfg, backend, net, reward, device, ckpt)
+        out = eval_only(cfg, backend, net, reward, device, ckpt)
+        dist.cleanup()
+        return out
     run = Run(cfg, "otca", device=device, show=["reward", "clip_frac", "loss"])
     train_prompts = load_prompts(cfg.prompts) if cfg.prompts not in ("", "builtin") else backend.prompts("train")
     eval_prompts = backend.prompts("eval")

@@ -278,7 +278,9 @@ def main(cfg: Config) -> dict:
         out = {"reward_teacher": ev_T["reward"], **final_eval(backend, net, teacher, base, reward, ev, sig_S, sig_T,
                                                                cfg, lat_T0, as_teacher=as_teacher)}
         out.pop("reward_teacher_ema")  # a fresh teacher copy here: it is the base teacher
-        print(json.dumps(out, indent=2))
+        if dist.is_main():             # every rank has the numbers (each evaluated its share); rank 0 prints them
+            print(json.dumps(out, indent=2))
+        dist.cleanup()
         return out
     summary = {"matching_index": j.tolist(), "sigmas_student": sig_S.tolist()}
     lat_T0 = None  # the base teacher's N-step samples of the whole eval set (the reference of dist_to_teacher)

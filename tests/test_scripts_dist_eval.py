@@ -7,6 +7,9 @@ has an odd size, so the ranks' shares differ.
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 import socket
 
@@ -14,6 +17,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+RATS = ["--steps", "1", "--batch-size", "8", "--teacher-nfe", "4", "--eval-size", "16", "--keep", "0"]
 OTCA = ["--steps", "2", "--nfe", "4", "--prompts-per-step", "2", "--eval-samples", "63", "--keep", "0"]
 
 
@@ -49,13 +53,24 @@ def worker(rank: int, world: int, port: int, tmp: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), HF_HUB_OFFLINE="1")
     import otca
+    import rats
     from common import dist
-    real_cleanup = dist.cleanup
-    dist.cleanup = lambda: None            # one process group for every run; left at the end of the worker
+    real_cleanup, cleanups = dist.cleanup, []
+    dist.cleanup = lambda: cleanups.append(1)   # counted; one process group for every run, left at the end
     out: dict = {}
     run = os.path.join(tmp, "otca")
     out["otca_summary"] = otca.main(_parse(otca, [*OTCA, "--device", "cpu", "--out", run]))
     out["otca_rewards"] = otca_eval_rewards(run)
+    rats_run = os.path.join(tmp, "rats")
+    rats.main(_parse(rats, [*RATS, "--device", "cpu", "--out", rats_run]))
+    out["cleanups_training"] = len(cleanups)
+    for name, mod, argv in [("rats", rats, ["--ckpt", rats_run, "--eval-size", "16"]),
+                            ("otca", otca, ["--ckpt", run, "--eval-samples", "15", "--eval-nfe", "2,3"])]:
+        stdout, before = io.StringIO(), len(cleanups)
+        with contextlib.redirect_stdout(stdout):
+            out[f"{name}_eval_only"] = mod.main(_parse(mod, ["--eval-only", *argv, "--device", "cpu"]))
+        out[f"{name}_eval_only_stdout"] = stdout.getvalue()
+        out[f"{name}_eval_only_cleanups"] = len(cleanups) - before
     torch.save(out, os.path.join(tmp, f"rank{rank}.pt"))
     dist.barrier()
     real_cleanup()
@@ -90,3 +105,10 @@ def test_two_rank_evaluations_are_one_process_evaluations(tmp_path):
     one_samples = torch.load(ref / "samples.pt", weights_only=False)["samples"]
     assert two.shape == one_samples.shape == (63, 2)
     torch.testing.assert_close(two, one_samples, rtol=1e-5, atol=1e-6)
+
+    # --eval-only: the group left once on every rank (as after training: once per run), rank 0 alone prints
+    for r in (r0, r1):
+        assert r["cleanups_training"] == 2 and r["rats_eval_only_cleanups"] == r["otca_eval_only_cleanups"] == 1
+    assert r0["rats_eval_only"] == r1["rats_eval_only"] and r0["otca_eval_only"] == r1["otca_eval_only"]
+    assert json.loads(r0["rats_eval_only_stdout"]) == r0["rats_eval_only"] and r1["rats_eval_only_stdout"] == ""
+    assert "| otca | 3 |" in r0["otca_eval_only_stdout"] and r1["otca_eval_only_stdout"] == ""
