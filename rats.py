@@ -72,7 +72,8 @@ class Config(RunConfig):
     nfe: int = opt(2, "student steps K", min=1)
     teacher_nfe: int = opt(50, "teacher steps N (at least --nfe)", min=1)
     shift: float | None = opt(None, "schedule shift for both grids (none = the backend's default)")
-    guidance: float | None = opt(None, "guidance scale for student and teacher (none = backend default)")
+    guidance: float | None = opt(None, "guidance scale for student and teacher (none = backend default; refused "
+                                 "where the model takes none)")
     batch_size: int = opt(256, "samples per micro-batch (per rank)", min=1)
     grad_accum: int = opt(1, "micro-batches per optimizer step", min=1)
     lr: float = opt(1e-3, "AdamW learning rate")
@@ -242,6 +243,12 @@ def main(cfg: Config) -> dict:
                   "nfe", "teacher_nfe"):
             setattr(cfg, k, ckpt["config"].get(k, getattr(cfg, k)))
     backend = build_backend(cfg, device)
+    if cfg.guidance not in (None, 1) and not backend.guidance_applies(backend.network):   # never dropped silently
+        which = "--tiny" if cfg.tiny else (cfg.pretrained or getattr(backend, "pretrained", None))
+        raise ConfigError(f"--guidance {cfg.guidance:g} would be ignored: the {backend.name} model"
+                          f"{f' ({which})' if which else ''} takes no guidance (step-distilled, no guidance "
+                          f"embedding, or a one-class toy): leave --guidance out, or pass a base checkpoint with "
+                          f"--pretrained")
     reward = build_reward(cfg.reward, tiny=cfg.tiny, device=device).to(device)
     if not reward.differentiable:
         raise ConfigError(f"--reward {cfg.reward}: RATS back-propagates the reward, this one is not differentiable")
