@@ -68,7 +68,7 @@ from common.credit import (batch_mean_credit, fused_clipped_loss, moca_fuse, obj
 from common.evaluate import held_out, markdown_table, sample_final, save_samples, write_table
 from common.flow import Trajectory, rollout, sde_step, transition_logprob
 from common.prompts import load_prompts
-from common.rewards import build_reward
+from common.rewards import RewardError, build_reward, parse_reward_opts
 from common.rl import clip_fraction, gaussian_kl_same_std, group_advantages
 from common.runs import Run, load_checkpoint
 from common.train import (autocast, base_dtype, clip_grad, detached, load_trained, make_optimizer, seed_everything,
@@ -86,6 +86,8 @@ class Config(RunConfig):
     tiny: bool = opt(False, "tiny random model of the backend (offline, CPU smoke runs)")
     pretrained: str = opt("", "hub id or local directory of the base model ('' = the backend's default)")
     reward: str = opt("toy_otca", "reward spec: name[:weight],... (M objectives = the reward's columns)")
+    reward_opts: str = opt("", "extra reward-factory options k=v,k=v (e.g. hps_ckpt=/w/HPS_v2.1.pt or "
+                           "videoalign_frames=8,videoalign_source_fps=16)")
     prompts: str = opt("", "prompt file (.txt/.json/.jsonl/.csv; '' or builtin = the backend's train list)")
     lora_rank: int = opt(32, "LoRA rank for the diffusers backends", min=0)
     full_finetune: bool = opt(False, "diffusers backends: train all weights instead of LoRA")
@@ -160,7 +162,14 @@ PRESETS = {
 }
 
 
+REWARD_OPTS_RESERVED = ("tiny", "device", "dataset")   # build_reward options the script passes from its own flags
+
+
 def checks(cfg: Config) -> str | None:
+    try:
+        parse_reward_opts(cfg.reward_opts, REWARD_OPTS_RESERVED)
+    except RewardError as e:
+        return str(e)
     if cfg.nfe < 2:
         return "--nfe must be at least 2: the last step is deterministic and never trained"
     if cfg.minibatches > cfg.prompts_per_step:
@@ -346,7 +355,8 @@ def main(cfg: Config) -> dict:
                           **({"pretrained": cfg.pretrained} if cfg.pretrained else {}),
                           **base_dtype(cfg.precision, cfg.teacher, cfg.full_finetune))  # bf16: frozen LoRA base only
     reward = build_reward(cfg.reward, tiny=cfg.tiny, device=device, dataset=getattr(backend, "dataset", None)
-                          and backend.dataset.name).to(device)
+                          and backend.dataset.name,
+                          **parse_reward_opts(cfg.reward_opts, REWARD_OPTS_RESERVED)).to(device)
     M = len(reward.names)
     net = backend.network
     # Rollout and recomputation both in train mode: the ratio must be exactly 1 on-policy, and eval mode under no_grad
