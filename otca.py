@@ -68,7 +68,7 @@ from common.credit import (batch_mean_credit, fused_clipped_loss, moca_fuse, obj
 from common.evaluate import held_out, markdown_table, sample_final, save_samples, write_table
 from common.flow import Trajectory, rollout, sde_step, transition_logprob
 from common.prompts import load_prompts
-from common.rewards import build_reward
+from common.rewards import RewardError, build_reward, parse_reward_opts
 from common.rl import clip_fraction, gaussian_kl_same_std, group_advantages
 from common.runs import Run, load_checkpoint
 from common.train import (autocast, base_dtype, clip_grad, detached, load_trained, make_optimizer, seed_everything,
@@ -86,6 +86,8 @@ class Config(RunConfig):
     tiny: bool = opt(False, "tiny random model of the backend (offline, CPU smoke runs)")
     pretrained: str = opt("", "hub id or local directory of the base model ('' = the backend's default)")
     reward: str = opt("toy_otca", "reward spec: name[:weight],... (M objectives = the reward's columns)")
+    reward_opts: str = opt("", "extra reward-factory options k=v,k=v (e.g. hps_ckpt=/w/HPS_v2.1.pt or "
+                           "videoalign_frames=8,videoalign_source_fps=16)")
     prompts: str = opt("", "prompt file (.txt/.json/.jsonl/.csv; '' or builtin = the backend's train list)")
     lora_rank: int = opt(32, "LoRA rank for the diffusers backends", min=0)
     full_finetune: bool = opt(False, "diffusers backends: train all weights instead of LoRA")
@@ -160,7 +162,14 @@ PRESETS = {
 }
 
 
+REWARD_OPTS_RESERVED = ("tiny", "device", "dataset")   # build_reward options the script passes from its own flags
+
+
 def checks(cfg: Config) -> str | None:
+    try:
+        parse_reward_opts(cfg.reward_opts, REWARD_OPTS_RESERVED)
+    except RewardError as e:
+        return str(e)
     if cfg.nfe < 2:
         return "--nfe must be at least 2: the last step is deterministic and never trained"
     if cfg.minibatches > cfg.prompts_per_step:
@@ -275,17 +284,31 @@ def ratio_statistics(records: list[tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 @torch.no_grad()
-def evaluate(backend, net, reward, held, sigmas, micro_batch, precision, device, save_dir=None):
-    """Mean reward per objective (and combined) of deterministic Euler samples of the fixed held-out set
-    (common.evaluate.held_out: eval prompts x fixed noise); each rank samples every world-th row: {name: float}."""
+def eval_rewards(backend, net, reward, held, sigmas, micro_batch, precision, device):
+    """(rewards, lat) of deterministic Euler samples of the fixed held-out set (common.evaluate.held_out: eval prompts
+    x fixed noise): rewards (n, M) on the host, every row of the set in the set's order, on every rank; lat: this
+    rank's latents. Under torchrun each rank samples its rows dist.strided_rows(n) (every world-th) and the rewards
+    are gathered back into the set's order (dist.gather_strided), as one process computes them."""
     _, cond, noise = held
-    rows = dist.strided_rows(noise.shape[0])
+    n = noise.shape[0]
+    rows = dist.strided_rows(n)
     cond, noise = cond.select(rows), noise[rows]
     with autocast(precision, device):
         lat = sample_final(backend, net, cond, noise, sigmas, batch_size=micro_batch or None)
-    r = dist.all_gather_cat(reward(backend.decode(lat).float(), cond.prompts).float()).cpu()
-    if save_dir and backend.media == "points" and dist.is_main():   # the demo draws them over the data density
-        save_samples(save_dir, lat, backend.target(0) if hasattr(backend, "target") else None)
+    r = dist.gather_strided(reward(backend.decode(lat).float(), cond.prompts).float(), n).cpu()
+    return r, lat
+
+
+@torch.no_grad()
+def evaluate(backend, net, reward, held, sigmas, micro_batch, precision, device, save_dir=None):
+    """Mean reward per objective (and combined) over the held-out set (eval_rewards; a collective under torchrun:
+    call it on every rank): {name: float}. save_dir (points only): the samples of the whole set, in its order, to
+    save_dir/samples.pt (rank 0 writes)."""
+    r, lat = eval_rewards(backend, net, reward, held, sigmas, micro_batch, precision, device)
+    if save_dir and backend.media == "points":   # the demo draws them over the data density
+        everything = dist.gather_strided(lat, held[2].shape[0])     # every rank's rows (2-D points: small)
+        if dist.is_main():
+            save_samples(save_dir, everything, backend.target(0) if hasattr(backend, "target") else None)
     out = {n: float(r[:, m].mean()) for m, n in enumerate(reward.names)}
     out["combined"] = float(reward.combine(r).mean())
     return out
@@ -332,7 +355,8 @@ def main(cfg: Config) -> dict:
                           **({"pretrained": cfg.pretrained} if cfg.pretrained else {}),
                           **base_dtype(cfg.precision, cfg.teacher, cfg.full_finetune))  # bf16: frozen LoRA base only
     reward = build_reward(cfg.reward, tiny=cfg.tiny, device=device, dataset=getattr(backend, "dataset", None)
-                          and backend.dataset.name).to(device)
+                          and backend.dataset.name,
+                          **parse_reward_opts(cfg.reward_opts, REWARD_OPTS_RESERVED)).to(device)
     M = len(reward.names)
     net = backend.network
     # Rollout and recomputation both in train mode: the ratio must be exactly 1 on-policy, and eval mode under no_grad
@@ -346,7 +370,9 @@ def main(cfg: Config) -> dict:
         backend.keep_reference(net)  # full fine-tuning: a frozen copy of the base (with a LoRA nothing is kept)
     opt_ = make_optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.eval_only:
-        return eval_only(cfg, backend, net, reward, device, ckpt)
+        out = eval_only(cfg, backend, net, reward, device, ckpt)
+        dist.cleanup()
+        return out
     run = Run(cfg, "otca", device=device, show=["reward", "clip_frac", "loss"])
     train_prompts = load_prompts(cfg.prompts) if cfg.prompts not in ("", "builtin") else backend.prompts("train")
     eval_prompts = backend.prompts("eval")

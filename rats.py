@@ -50,7 +50,7 @@ from common import dist
 from common.evaluate import held_out, sample_final, save_samples
 from common.flow import rollout
 from common.prompts import load_prompts
-from common.rewards import build_reward
+from common.rewards import RewardError, build_reward, parse_reward_opts
 from common.runs import Run, load_checkpoint
 from common.shaping import GapNormalizer, match_horizons, rats_loss, reward_gate, shaping_distance, shaping_loss
 from common.train import (EMA, autocast, base_dtype, clip_grad, detached, load_trained, make_optimizer, seed_everything,
@@ -68,11 +68,14 @@ class Config(RunConfig):
     pretrained: str = opt("", "hub id or local folder of the base model ('' = the backend's default)")
     preset: str = opt("tiny", "dit only: tiny | mini | small | base")
     reward: str = opt("toy_quadratic", "reward spec, e.g. hps or dit_color:1,dit_position:1")
+    reward_opts: str = opt("", "extra reward-factory options k=v,k=v (e.g. hps_ckpt=/w/HPS_v2.1.pt or "
+                           "videoalign_frames=8,videoalign_source_fps=16)")
     prompts: str = opt("", "training prompt file, one per line ('' = the backend's built-in list)")
     nfe: int = opt(2, "student steps K", min=1)
     teacher_nfe: int = opt(50, "teacher steps N (at least --nfe)", min=1)
     shift: float | None = opt(None, "schedule shift for both grids (none = the backend's default)")
-    guidance: float | None = opt(None, "guidance scale for student and teacher (none = backend default)")
+    guidance: float | None = opt(None, "guidance scale for student and teacher (none = backend default; refused "
+                                 "where the model takes none)")
     batch_size: int = opt(256, "samples per micro-batch (per rank)", min=1)
     grad_accum: int = opt(1, "micro-batches per optimizer step", min=1)
     lr: float = opt(1e-3, "AdamW learning rate")
@@ -124,7 +127,14 @@ for _family in ("flux", "wan", "sd3", "flux2"):   # LoRA backends: no second tra
     PRESETS[_family]["teacher_copy"] = "swap"
 
 
+REWARD_OPTS_RESERVED = ("tiny", "device")   # build_reward options the script passes from its own flags
+
+
 def checks(cfg: Config) -> str | None:
+    try:
+        parse_reward_opts(cfg.reward_opts, REWARD_OPTS_RESERVED)
+    except RewardError as e:
+        return str(e)
     if cfg.tau <= 0:
         return f"--tau must be > 0, got {cfg.tau}"
     if cfg.reward_grad_steps > cfg.nfe:
@@ -242,7 +252,14 @@ def main(cfg: Config) -> dict:
                   "nfe", "teacher_nfe"):
             setattr(cfg, k, ckpt["config"].get(k, getattr(cfg, k)))
     backend = build_backend(cfg, device)
-    reward = build_reward(cfg.reward, tiny=cfg.tiny, device=device).to(device)
+    if cfg.guidance not in (None, 1) and not backend.guidance_applies(backend.network):   # never dropped silently
+        which = "--tiny" if cfg.tiny else (cfg.pretrained or getattr(backend, "pretrained", None))
+        raise ConfigError(f"--guidance {cfg.guidance:g} would be ignored: the {backend.name} model"
+                          f"{f' ({which})' if which else ''} takes no guidance (step-distilled, no guidance "
+                          f"embedding, or a one-class toy): leave --guidance out, or pass a base checkpoint with "
+                          f"--pretrained")
+    reward = build_reward(cfg.reward, tiny=cfg.tiny, device=device,
+                          **parse_reward_opts(cfg.reward_opts, REWARD_OPTS_RESERVED)).to(device)
     if not reward.differentiable:
         raise ConfigError(f"--reward {cfg.reward}: RATS back-propagates the reward, this one is not differentiable")
     net = backend.network                                       # the student: the base weights, trained
@@ -278,7 +295,9 @@ def main(cfg: Config) -> dict:
         out = {"reward_teacher": ev_T["reward"], **final_eval(backend, net, teacher, base, reward, ev, sig_S, sig_T,
                                                                cfg, lat_T0, as_teacher=as_teacher)}
         out.pop("reward_teacher_ema")  # a fresh teacher copy here: it is the base teacher
-        print(json.dumps(out, indent=2))
+        if dist.is_main():             # every rank has the numbers (each evaluated its share); rank 0 prints them
+            print(json.dumps(out, indent=2))
+        dist.cleanup()
         return out
     summary = {"matching_index": j.tolist(), "sigmas_student": sig_S.tolist()}
     lat_T0 = None  # the base teacher's N-step samples of the whole eval set (the reference of dist_to_teacher)

@@ -17,8 +17,8 @@ into (name, weight) pairs and build_reward into a MultiReward whose columns are 
 Registry entries are "module:factory" strings imported on demand, so the toy never imports open_clip. The real
 reward models (HPSv2.1, PickScore, CLIP score, LAION aesthetic, ImageReward, and the CLIP-based video rewards)
 live in common/reward_models.py, VideoAlign's VQ / MQ / TA heads in common/videoalign.py; their weights come from
-build_reward options or environment variables (HPS_CKPT, PICKSCORE_PATH, CLIP_PATH, AESTHETIC_CKPT,
-IMAGEREWARD_CKPT, VIDEOALIGN_PATH, ...; see those modules' docstrings), and
+build_reward options (the scripts' --reward-opts k=v,k=v, parse_reward_opts) or environment variables (HPS_CKPT,
+PICKSCORE_PATH, CLIP_PATH, AESTHETIC_CKPT, IMAGEREWARD_CKPT, VIDEOALIGN_PATH, ...; see those modules' docstrings), and
 every factory takes tiny=True for a tiny random model of the same architecture (offline smoke runs).
 """
 from __future__ import annotations
@@ -291,6 +291,21 @@ def parse_reward_options(items: Sequence[str] | None) -> dict[str, Any]:
             else:
                 out[key] = val
     return out
+
+
+def parse_reward_opts(text: str, reserved: Sequence[str] = ()) -> dict[str, Any]:
+    """The scripts' --reward-opts flag, "k=v,k=v" (e.g. "videoalign_frames=8,videoalign_source_fps=16" or
+    "hps_ckpt=/w/HPS_v2.1.pt"), as build_reward options: parse_reward_options of the comma-separated items ('' -> {}).
+    reserved: the keys the script passes itself from its own flags (tiny, device). Raises RewardError (one line
+    naming the flag) on an item without "=", an empty key, or a reserved key."""
+    try:
+        opts = parse_reward_options([item.strip() for item in text.split(",") if item.strip()])
+    except RewardError as e:
+        raise RewardError(f"--reward-opts {text!r}: {e}") from None
+    for key in opts:
+        if key in reserved:
+            raise RewardError(f"--reward-opts {text!r}: {key} is set from the script's own flags, not here")
+    return opts
 
 
 def _call_factory(name: str, options: dict[str, Any]) -> Reward:

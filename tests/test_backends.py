@@ -314,3 +314,29 @@ def test_calls_as_relabels_a_module_for_the_block_and_restores_its_role():
         assert net.nfe_role == "fake"
         raise RuntimeError("the block fails")
     assert net.nfe_role == "student"             # restored on the way out of an exception too
+
+
+BARS = ("Writing model shards", "Loading weights", "Loading pipeline components", "it/s]")
+
+
+def test_tiny_twins_print_no_progress_bars_and_real_loading_keeps_them(tmp_path, capfd):
+    """--tiny saves a random miniature and loads it back (the production loader): transformers' and diffusers'
+    progress bars for that blink of a round trip went to stderr, ahead of any one-line error. They are off for the
+    round trip only (the generator and load_network's teacher twin), both libraries' switches as they were after it;
+    loading real weights (a local folder here) still shows its bars (load_pipeline turned diffusers' off for good)."""
+    from diffusers.utils import logging as dlog
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from transformers.utils import logging as tlog
+    before = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled(), are_progress_bars_disabled()
+    capfd.readouterr()
+    be = Flux2Backend(tiny=True, teacher_pretrained="klein-base")       # the generator and a teacher twin
+    err = capfd.readouterr().err
+    assert be.teacher_net is not None and not [b for b in BARS if b in err], err
+    assert (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled(), are_progress_bars_disabled()) == before
+    if before[:2] == (True, True):   # (unless this environment turned them off: HF_HUB_DISABLE_PROGRESS_BARS=1)
+        tiny_pipeline("flux2", seed=3).save_pretrained(tmp_path / "flux2")
+        capfd.readouterr()
+        be.load_pipeline(str(tmp_path / "flux2"), torch.float32)
+        err = capfd.readouterr().err
+        assert "Loading pipeline components" in err and "Loading weights" in err, err
+        assert dlog.is_progress_bar_enabled() and tlog.is_progress_bar_enabled()

@@ -196,3 +196,30 @@ def test_swapped_ema_teacher_reproduces_the_teacher_copy(tmp_path):
     a, b = load_checkpoint(str(tmp_path / "full"))["state"], load_checkpoint(str(tmp_path / "swap"))["state"]
     assert all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
     assert all(torch.equal(x, y) for x, y in zip(a["ema"]["shadow"], b["ema"]["shadow"]))
+
+
+def _main_error(capsys, argv):
+    """rats.main under user_errors: (exit status, the stderr lines that are errors, stderr)."""
+    from common.config import user_errors
+    with pytest.raises(SystemExit) as e:
+        with user_errors():
+            rats.main(parse_config(rats.Config, argv, presets=rats.PRESETS, checks=[rats.checks]))
+    err = capsys.readouterr().err
+    return e.value.code, [ln for ln in err.splitlines() if ln.startswith("error:")], err
+
+
+def test_a_guidance_the_model_would_ignore_is_one_line(tmp_path, capsys, monkeypatch):
+    """--guidance on a model that takes none was dropped without a word (backend.guidance_applies): refused in one
+    line, exit 2, on the one-class toy and on a step-distilled FLUX.2 klein (no CFG, no guidance embedding)."""
+    code, lines, err = _main_error(capsys, [*TOY, "--guidance", "3", "--out", str(tmp_path / "a")])
+    assert code == 2 and lines == ["error: --guidance 3 would be ignored: the toy2d model takes no guidance "
+                                   "(step-distilled, no guidance embedding, or a one-class toy): leave --guidance "
+                                   "out, or pass a base checkpoint with --pretrained"] and err.count("\n") == 1
+    real = rats.get_backend
+    monkeypatch.setattr(rats, "get_backend", lambda *a, **k: real(*a, distilled=True, **k))   # as klein-4B is
+    code, lines, err = _main_error(capsys, ["--teacher", "flux2", "--tiny", "--guidance", "4", "--device", "cpu",
+                                            "--out", str(tmp_path / "b")])
+    assert code == 2 and len(lines) == 1 and err.rstrip().endswith(lines[0])
+    assert lines[0].startswith("error: --guidance 4 would be ignored: the flux2 model (--tiny) takes no guidance")
+    monkeypatch.undo()
+    _run(tmp_path / "c", "--guidance", "1", "--steps", "1")      # guidance 1 (none) is accepted

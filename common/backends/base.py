@@ -184,6 +184,34 @@ def switched_adapter(models: list[nn.Module], name: str | None) -> Iterator[None
             restore_adapter_state(m, st)
 
 
+@contextlib.contextmanager
+def quiet_progress_bars() -> Iterator[None]:
+    """transformers' and diffusers' progress bars off inside the block, as they were after it: the tiny twins' save
+    and load round trip ("Writing model shards", "Loading weights", "Loading pipeline components" on stderr for a
+    model built in a blink, before any one-line error). Never around real loading: 12B weights show their progress.
+    transformers' switch also sets huggingface_hub's, which is put back too (warnings about HF_HUB_DISABLE_PROGRESS_BARS
+    having priority are muted: the environment's setting is kept either way)."""
+    from diffusers.utils import logging as dlog
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as tlog
+    was = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled(), are_progress_bars_disabled()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dlog.disable_progress_bar()
+        tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if was[0]:
+                dlog.enable_progress_bar()
+            if was[1]:
+                tlog.enable_progress_bar()
+            if are_progress_bars_disabled() != was[2]:
+                (disable_progress_bars if was[2] else enable_progress_bars)()
+
+
 def _is_rank0() -> bool:
     d = torch.distributed
     return not (d.is_available() and d.is_initialized()) or d.get_rank() == 0
@@ -297,8 +325,9 @@ class DiffusersBackend(Backend):
             return pipe.to(dtype=self.dtype)
         tmp = tempfile.mkdtemp(prefix=f"tiny-{self.name}-")
         try:
-            pipe.save_pretrained(tmp)
-            return self.load_pipeline(tmp, self.dtype, networks_only=twin)
+            with quiet_progress_bars():   # a blink for these sizes: no bars on stderr
+                pipe.save_pretrained(tmp)
+                return self.load_pipeline(tmp, self.dtype, networks_only=twin)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -316,7 +345,6 @@ class DiffusersBackend(Backend):
         huggingface_hub itself) makes that immediate."""
         import diffusers
         from diffusers.utils import logging as dlog
-        dlog.disable_progress_bar()
         cls = getattr(diffusers, self.pipeline_class)
         local = os.path.isdir(pretrained)
         if not local and (os.path.sep in pretrained and not pretrained.count("/") == 1 or pretrained.startswith(".")):

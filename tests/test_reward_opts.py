@@ -1,0 +1,64 @@
+"""--reward-opts k=v,k=v in rats.py and otca.py: extra options reach the reward factories (before, only rtdmd.py had the
+flag, and the other scripts' users had to set environment variables for, e.g., VideoAlign's frame count or an HPS
+checkpoint); a malformed value, or a key the script sets from its own flags, is one line and exit status 2."""
+import functools
+
+import pytest
+
+import otca
+import rats
+import toy.rewards
+from common.config import parse_config
+from common.rewards import RewardError, parse_reward_opts
+
+pytestmark = pytest.mark.usefixtures("restore_torch_globals")   # the scripts set torch's thread count
+
+RUNS = {   # script: (its toy reward's factory in toy.rewards, one cheap training step)
+    "rats": (rats, "quadratic_reward", ["--steps", "1", "--batch-size", "8", "--teacher-nfe", "4", "--eval-size",
+                                        "8"]),
+    "otca": (otca, "otca_reward", ["--steps", "1", "--nfe", "3", "--group-size", "2", "--prompts-per-step", "1",
+                                   "--eval-samples", "0"]),
+}
+
+
+def _parse(mod, argv):
+    return parse_config(mod.Config, argv, presets=mod.PRESETS, checks=[mod.checks])
+
+
+def test_parse_reward_opts():
+    assert parse_reward_opts("") == {}
+    assert parse_reward_opts("videoalign_frames=8, videoalign_source_fps=16.5,hps_ckpt=/w/a=b.pt,norm=false") == {
+        "videoalign_frames": 8, "videoalign_source_fps": 16.5, "hps_ckpt": "/w/a=b.pt", "norm": False}
+    with pytest.raises(RewardError, match=r"^--reward-opts 'frames=8,oops': bad reward option 'oops'"):
+        parse_reward_opts("frames=8,oops")
+    with pytest.raises(RewardError, match="device is set from the script's own flags"):
+        parse_reward_opts("device=cuda:1", reserved=("tiny", "device"))
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_reward_options_reach_the_factory(name, tmp_path, monkeypatch):
+    mod, factory, argv = RUNS[name]
+    real, seen = getattr(toy.rewards, factory), []
+
+    @functools.wraps(real)          # the same signature: build_reward passes it what the real factory accepts
+    def spy(**kw):
+        seen.append(kw)
+        return real(**kw)
+    monkeypatch.setattr(toy.rewards, factory, spy)
+    mod.main(_parse(mod, [*argv, "--reward-opts", "temperature=0.25,videoalign_frames=8", "--device", "cpu",
+                          "--out", str(tmp_path)]))
+    assert seen and all(kw["temperature"] == 0.25 and kw["videoalign_frames"] == 8 for kw in seen)
+    assert all(kw["tiny"] is False and str(kw["device"]) == "cpu" for kw in seen)   # the script's own still there
+
+
+@pytest.mark.parametrize("name", RUNS)
+@pytest.mark.parametrize("opts, needle", [
+    ("frames=8,oops", "error: --reward-opts 'frames=8,oops': bad reward option 'oops': expected key=value"),
+    ("=3", "error: --reward-opts '=3': bad reward option '=3'"),
+    ("tiny=true", "error: --reward-opts 'tiny=true': tiny is set from the script's own flags, not here"),
+])
+def test_a_malformed_reward_option_is_one_line_exit_2(name, opts, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        _parse(RUNS[name][0], ["--reward-opts", opts])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(needle) and err.count("\n") == 1, err
