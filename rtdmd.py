@@ -65,7 +65,7 @@ from common.dmd import (ambient_fake_loss, ambient_forward, ambient_target, ambi
 from common.dmd_models import Models, build_models
 from common.flow import rollout
 from common.prompts import load_prompts
-from common.rewards import build_reward
+from common.rewards import RewardError, build_reward, parse_reward_opts
 from common.rl import clip_fraction, clipped_surrogate
 from common.runs import Run, as_tuples, checkpoint_config
 from common.train import (EMA, autocast, clip_grad, detached, ema_tensors, load_trained, make_optimizer,
@@ -167,6 +167,10 @@ PRESETS = {
 
 def checks(cfg: Config) -> str | None:
     """Flag combinations that opt()'s per-flag bounds cannot see (None: fine)."""
+    try:
+        parse_reward_opts(cfg.reward_opts, ("tiny", "device"))   # the two options main passes from its own flags
+    except RewardError as e:
+        return str(e)
     ts = list(cfg.timesteps)
     if len(ts) < 2 or not all(a > b for a, b in zip(ts, ts[1:])) or ts[0] > 1000 or ts[-1] <= 0:
         return (f"--timesteps must fall strictly from at most 1000 to above 0, at least two of them (the last step "
@@ -254,7 +258,7 @@ def main(cfg: Config):
                           lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                           gradient_checkpointing=cfg.gradient_checkpointing)
     dev = backend.device
-    extra = dict(kv.split("=", 1) for kv in cfg.reward_opts.split(",") if "=" in kv)
+    extra = parse_reward_opts(cfg.reward_opts, ("tiny", "device"))   # typed values (8, 0.5, true), as rats and otca
     reward = build_reward(cfg.reward, device=dev, tiny=cfg.tiny, **extra)
     # ----- models: generator (trained), fake score (trained, starts as a copy), teacher = real score (frozen) -----
     models = build_models(backend, cfg.fake_copy)

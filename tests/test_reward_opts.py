@@ -1,12 +1,14 @@
-"""--reward-opts k=v,k=v in rats.py and otca.py: extra options reach the reward factories (before, only rtdmd.py had the
-flag, and the other scripts' users had to set environment variables for, e.g., VideoAlign's frame count or an HPS
-checkpoint); a malformed value, or a key the script sets from its own flags, is one line and exit status 2."""
+"""--reward-opts k=v,k=v in the three scripts: extra options reach the reward factories, with typed values (before,
+only rtdmd.py had the flag, and kept every value a string and dropped items without "="; the other scripts' users had
+to set environment variables for, e.g., VideoAlign's frame count or an HPS checkpoint); a malformed value, or a key
+the script sets from its own flags, is one line and exit status 2."""
 import functools
 
 import pytest
 
 import otca
 import rats
+import rtdmd
 import toy.rewards
 from common.config import parse_config
 from common.rewards import RewardError, parse_reward_opts
@@ -18,6 +20,7 @@ RUNS = {   # script: (its toy reward's factory in toy.rewards, one cheap trainin
                                         "8"]),
     "otca": (otca, "otca_reward", ["--steps", "1", "--nfe", "3", "--group-size", "2", "--prompts-per-step", "1",
                                    "--eval-samples", "0"]),
+    "rtdmd": (rtdmd, "linear_reward", ["--stage", "1", "--steps", "1", "--batch", "8", "--eval-samples", "100"]),
 }
 
 
