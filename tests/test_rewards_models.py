@@ -20,13 +20,8 @@ def assert_close(a, b, atol=1e-5, rtol=1.3e-6):
     assert torch.allclose(a, b, atol=atol, rtol=rtol), f"max |a - b| = {(a - b).abs().max().item():.3g}"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: thread start-up and oversubscription on the shared 2-core machine cost more than they give
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny models: thread start-up and oversubscription on the shared 2-core machine cost more than they give
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

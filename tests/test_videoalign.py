@@ -17,12 +17,8 @@ sys.path.insert(0, ROOT)
 PROMPTS = ["a cat", "a red kite over a long sandy beach at dusk"]  # different lengths: right padding in a batch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny models: thread start-up and oversubscription on the shared 2-core machine cost more than they give
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
