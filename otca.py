@@ -167,7 +167,7 @@ REWARD_OPTS_RESERVED = ("tiny", "device", "dataset")   # build_reward options th
 
 def checks(cfg: Config) -> str | None:
     try:
-        parse_reward_opts(cfg.reward_opts, REWARD_OPTS_RESERVED)
+        parse_reward_opts(cfg.reward_opts, REWARD_OPTS_RESERVED, cfg.reward)
     except RewardError as e:
         return str(e)
     if cfg.nfe < 2:
@@ -356,7 +356,7 @@ def main(cfg: Config) -> dict:
                           **base_dtype(cfg.precision, cfg.teacher, cfg.full_finetune))  # bf16: frozen LoRA base only
     reward = build_reward(cfg.reward, tiny=cfg.tiny, device=device, dataset=getattr(backend, "dataset", None)
                           and backend.dataset.name,
-                          **parse_reward_opts(cfg.reward_opts, REWARD_OPTS_RESERVED)).to(device)
+                          **parse_reward_opts(cfg.reward_opts, REWARD_OPTS_RESERVED, cfg.reward)).to(device)
     M = len(reward.names)
     net = backend.network
     # Rollout and recomputation both in train mode: the ratio must be exactly 1 on-policy, and eval mode under no_grad

@@ -132,7 +132,7 @@ REWARD_OPTS_RESERVED = ("tiny", "device")   # build_reward options the script pa
 
 def checks(cfg: Config) -> str | None:
     try:
-        parse_reward_opts(cfg.reward_opts, REWARD_OPTS_RESERVED)
+        parse_reward_opts(cfg.reward_opts, REWARD_OPTS_RESERVED, cfg.reward)
     except RewardError as e:
         return str(e)
     if cfg.tau <= 0:
@@ -259,7 +259,7 @@ def main(cfg: Config) -> dict:
                           f"embedding, or a one-class toy): leave --guidance out, or pass a base checkpoint with "
                           f"--pretrained")
     reward = build_reward(cfg.reward, tiny=cfg.tiny, device=device,
-                          **parse_reward_opts(cfg.reward_opts, REWARD_OPTS_RESERVED)).to(device)
+                          **parse_reward_opts(cfg.reward_opts, REWARD_OPTS_RESERVED, cfg.reward)).to(device)
     if not reward.differentiable:
         raise ConfigError(f"--reward {cfg.reward}: RATS back-propagates the reward, this one is not differentiable")
     net = backend.network                                       # the student: the base weights, trained

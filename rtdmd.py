@@ -168,7 +168,7 @@ PRESETS = {
 def checks(cfg: Config) -> str | None:
     """Flag combinations that opt()'s per-flag bounds cannot see (None: fine)."""
     try:
-        parse_reward_opts(cfg.reward_opts, ("tiny", "device"))   # the two options main passes from its own flags
+        parse_reward_opts(cfg.reward_opts, ("tiny", "device"), cfg.reward)   # tiny, device: main passes them
     except RewardError as e:
         return str(e)
     ts = list(cfg.timesteps)
@@ -258,7 +258,7 @@ def main(cfg: Config):
                           lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                           gradient_checkpointing=cfg.gradient_checkpointing)
     dev = backend.device
-    extra = parse_reward_opts(cfg.reward_opts, ("tiny", "device"))   # typed values (8, 0.5, true), as rats and otca
+    extra = parse_reward_opts(cfg.reward_opts, ("tiny", "device"), cfg.reward)   # typed: 8, 0.5, true
     reward = build_reward(cfg.reward, device=dev, tiny=cfg.tiny, **extra)
     # ----- models: generator (trained), fake score (trained, starts as a copy), teacher = real score (frozen) -----
     models = build_models(backend, cfg.fake_copy)

@@ -293,11 +293,36 @@ def parse_reward_options(items: Sequence[str] | None) -> dict[str, Any]:
     return out
 
 
-def parse_reward_opts(text: str, reserved: Sequence[str] = ()) -> dict[str, Any]:
+def _factory(name: str) -> Callable[..., Reward]:
+    module, fn = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def reward_option_names(spec: str) -> set[str] | None:
+    """The options the factories of `spec` take by name (plus `frames` for a frames:<image reward>), or None when
+    one of them takes any option (a **kw that it reads, such as the DiT rewards' color_target; a catch-all **_
+    that only ignores the options meant for other factories does not count)."""
+    names: set[str] = set()
+    for name, _ in parse_reward_spec(spec):
+        if name.startswith(FRAMES_PREFIX):
+            name = name[len(FRAMES_PREFIX):]
+            names.add("frames")
+        for p in inspect.signature(_factory(name)).parameters.values():
+            if p.kind is inspect.Parameter.VAR_KEYWORD:
+                if p.name != "_":
+                    return None
+            elif p.kind is not inspect.Parameter.VAR_POSITIONAL:
+                names.add(p.name)
+    return names
+
+
+def parse_reward_opts(text: str, reserved: Sequence[str] = (), spec: str | None = None) -> dict[str, Any]:
     """The scripts' --reward-opts flag, "k=v,k=v" (e.g. "videoalign_frames=8,videoalign_source_fps=16" or
     "hps_ckpt=/w/HPS_v2.1.pt"), as build_reward options: parse_reward_options of the comma-separated items ('' -> {}).
-    reserved: the keys the script passes itself from its own flags (tiny, device). Raises RewardError (one line
-    naming the flag) on an item without "=", an empty key, or a reserved key."""
+    reserved: the keys the script passes itself from its own flags (tiny, device). spec: the --reward spec, whose
+    factories must take every key (reward_option_names; unchecked when one takes any option), so that a misspelt
+    key is not dropped in silence. Raises RewardError (one line naming the flag) on an item without "=", an empty
+    key, a reserved key or a key no factory of `spec` takes."""
     try:
         opts = parse_reward_options([item.strip() for item in text.split(",") if item.strip()])
     except RewardError as e:
@@ -305,13 +330,18 @@ def parse_reward_opts(text: str, reserved: Sequence[str] = ()) -> dict[str, Any]
     for key in opts:
         if key in reserved:
             raise RewardError(f"--reward-opts {text!r}: {key} is set from the script's own flags, not here")
+    known = reward_option_names(spec) if spec and opts else None
+    unknown = sorted(set(opts) - known) if known is not None else []
+    if unknown:
+        options = ", ".join(sorted(known - set(reserved))) or "none"
+        raise RewardError(f"--reward-opts {text!r}: no reward of --reward {spec} takes {unknown[0]!r} (its options: "
+                          f"{options})")
     return opts
 
 
 def _call_factory(name: str, options: dict[str, Any]) -> Reward:
     """Import REGISTRY[name] and call it with the options its signature accepts (all of them if it takes **kw)."""
-    module, fn = REGISTRY[name].split(":")
-    factory = getattr(importlib.import_module(module), fn)
+    factory = _factory(name)
     params = inspect.signature(factory).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         options = {k: v for k, v in options.items() if k in params}
