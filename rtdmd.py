@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -182,7 +183,18 @@ def checks(cfg: Config) -> str | None:
     if cfg.teacher_pretrained and cfg.teacher in ("toy2d", "dit"):
         return (f"--teacher-pretrained loads a diffusers checkpoint (flux, wan, sd3, flux2); the {cfg.teacher} "
                 f"teacher is the generator's own model: pass --teacher-pretrained ''")
+    sizes = [_size_tag(cfg.pretrained), _size_tag(cfg.teacher_pretrained)]   # before loading 4B + 9B for nothing
+    if None not in sizes and sizes[0] != sizes[1]:
+        return (f"--pretrained {cfg.pretrained} ({sizes[0]}) and --teacher-pretrained {cfg.teacher_pretrained} "
+                f"({sizes[1]}) differ in size: pass the base checkpoint of the generator's size as the teacher "
+                f"(klein-9B: black-forest-labs/FLUX.2-klein-base-9B)")
     return None
+
+
+def _size_tag(model: str) -> str | None:
+    """'black-forest-labs/FLUX.2-klein-base-9B' -> '9B'; None without a size in the name's last component."""
+    m = re.search(r"(?<![\w.])(\d+(?:\.\d+)?B)(?![\w.])", os.path.basename(model.rstrip("/")))
+    return m.group(1) if m else None
 
 
 def eval_only(cfg: Config, backend, models: Models, reward, tilt) -> dict:

@@ -247,3 +247,19 @@ def test_missing_teacher_weights_and_a_teacher_of_another_size_are_one_line(tmp_
         parse_config(rtdmd.Config, ["--teacher-pretrained", str(tmp_path / "klein")], presets=rtdmd.PRESETS,
                      checks=[rtdmd.checks])
     assert e.value.code == 2 and "--teacher-pretrained loads a diffusers checkpoint" in capsys.readouterr().err
+
+
+def test_a_teacher_of_another_size_by_name_is_refused_before_loading(capsys):
+    """A klein-9B generator with the flux2 preset's klein-base-4B teacher: one line at parse time, naming the base
+    of the generator's size (the load-time shape check above would first read 9B + 4B of weights)."""
+    assert [rtdmd._size_tag(m) for m in ("black-forest-labs/FLUX.2-klein-base-9B", "/models/FLUX.2-klein-4B/",
+                                         "black-forest-labs/FLUX.1-dev", "")] == ["9B", "4B", None, None]
+    with pytest.raises(SystemExit) as e:
+        parse_config(rtdmd.Config, ["--teacher", "flux2", "--pretrained", "black-forest-labs/FLUX.2-klein-9B"],
+                     presets=rtdmd.PRESETS, checks=[rtdmd.checks])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "(9B)" in err and "(4B)" in err
+    assert "black-forest-labs/FLUX.2-klein-base-9B" in err
+    argv = ["--teacher", "flux2", "--pretrained", "/m/klein-9B", "--teacher-pretrained", "/m/klein-base-9B"]
+    cfg = parse_config(rtdmd.Config, argv, presets=rtdmd.PRESETS, checks=[rtdmd.checks])
+    assert cfg.teacher_pretrained == "/m/klein-base-9B"
