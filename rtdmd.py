@@ -232,10 +232,11 @@ def eval_only(cfg: Config, backend, models: Models, reward, tilt) -> dict:
             samplers[f"RTDMD (K={k})"] = Sampler(trained, grid, "cps", cfg.eta, 1.0, context=trained_ctx)
     extra = None
     if tilt is not None:
+        from toy.evaluate import KL_HIST
         from toy.metrics import kl_histogram
         targets = {"teacher": backend.target(0), "tilted": tilt[0]}
-        extra = lambda name, lat, media: {f"kl_{t}": kl_histogram(lat, m.log_prob, bounds=(-6.0, 6.0, -6.0, 6.0),
-                                                                   bins=48)["kl"] for t, m in targets.items()}
+        extra = lambda name, lat, media: {f"kl_{t}": kl_histogram(lat, m.log_prob, **KL_HIST)["kl"]
+                                          for t, m in targets.items()}
     out = cfg.ckpt if os.path.isdir(cfg.ckpt) else (cfg.out or "runs/rtdmd-eval")
     rows = eval_table(backend, samplers, reward, out, header=f"rtdmd.py --eval-only --ckpt {cfg.ckpt or '(none)'}",
                       n_per_prompt=cfg.eval_per_prompt if tilt is None else max(cfg.eval_per_prompt, 4000),
