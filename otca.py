@@ -160,6 +160,8 @@ PRESETS = {
     "flux2": {"nfe": 16, "group_size": 12, "prompts_per_step": 1, "lr": 3e-4, "precision": "bf16",
               "reward": "hps,clip", "train_fraction": 0.6, "eval_samples": 64, "micro_batch": 4},
 }
+for _family in ("flux", "wan", "sd3", "flux2"):   # big models (decisions.md): a micro-batch's step graph through a
+    PRESETS[_family]["gradient_checkpointing"] = True   # 12B transformer holds tens of GB of activations otherwise
 
 
 REWARD_OPTS_RESERVED = ("tiny", "device", "dataset")   # build_reward options the script passes from its own flags

@@ -123,8 +123,9 @@ PRESETS = {
     "flux2": {"nfe": 4, "batch_size": 1, "grad_accum": 8, "lr": 1e-4, "reward": "hps", "steps": 400,
               "precision": "bf16", "eval_size": 64, "eval_batch": 4},
 }
-for _family in ("flux", "wan", "sd3", "flux2"):   # LoRA backends: no second transformer for the EMA teacher
-    PRESETS[_family]["teacher_copy"] = "swap"
+for _family in ("flux", "wan", "sd3", "flux2"):   # LoRA backends: no second transformer for the EMA teacher;
+    PRESETS[_family]["teacher_copy"] = "swap"      # the reward gradient crosses K student steps and the decoder:
+    PRESETS[_family]["gradient_checkpointing"] = True   # checkpoint both (rats.md 1.9 and A13)
 
 
 REWARD_OPTS_RESERVED = ("tiny", "device")   # build_reward options the script passes from its own flags

@@ -183,6 +183,17 @@ def test_diffusers_presets_lr_and_clip(teacher):
     assert cfg.clip == 1e-4        # decisions.md and otca.md 1.10 (the wan preset had 1e-3, no reason recorded)
 
 
+@pytest.mark.parametrize("script", ["otca", "rats", "rtdmd"])
+def test_big_presets_turn_gradient_checkpointing_on(script):
+    """decisions.md (gradient checkpointing on big models), rats.md 1.9 (the student transformer and the decoder),
+    rtdmd.md 4.3: every script's diffusers presets checkpoint; the toy and the small DiT do not need it."""
+    import importlib
+    mod = importlib.import_module(script)
+    on = {t: parse_config(mod.Config, argv=["--teacher", t], presets=mod.PRESETS).gradient_checkpointing
+          for t in ("toy2d", "dit", "flux", "wan", "sd3", "flux2")}
+    assert on == {"toy2d": False, "dit": False, "flux": True, "wan": True, "sd3": True, "flux2": True}
+
+
 def test_sd3_kl_weight_is_on_the_exact_kl_scale():
     """otca.py adds the exact Gaussian KL (common.rl.gaussian_kl_same_std without dt); Flow-GRPO's KL, for which its
     beta 0.04 was tuned, is Delta_t times it (anchors.md c.5). The sd3 preset's beta must be on the exact KL's scale:
