@@ -31,7 +31,7 @@ Simplifications against the paper (whose code is unreleased; see rats.md section
 Launch:
     python rats.py                                                     # toy world, CPU, about a minute
     python rats.py --teacher dit --nfe 3 --steps 200                  # small DiT (toy/weights/dit-tiny), CPU
-    python rats.py --teacher flux --nfe 4                # FLUX.1-dev: the preset (LoRA, bf16, checkpointing, HPS)
+    python rats.py --teacher flux --nfe 4                              # FLUX.1-dev (preset: LoRA, bf16, checkpointing)
     torchrun --standalone --nproc_per_node 8 rats.py --teacher wan --nfe 5 --reward frames:hps --steps 400
 """
 from __future__ import annotations
