@@ -65,7 +65,7 @@ from common.backend import get_backend
 from common.config import ConfigError, RunConfig, opt, parse_config, user_errors
 from common.credit import (batch_mean_credit, fused_clipped_loss, moca_fuse, objective_advantages,
                            per_objective_clipped_loss, step_advantages, tcd_credit, uniform_credit)
-from common.evaluate import held_out, markdown_table, sample_final, save_samples, write_table
+from common.evaluate import held_out, held_out_rewards, markdown_table, save_samples, write_table
 from common.flow import Trajectory, rollout, sde_step, transition_logprob
 from common.prompts import load_prompts
 from common.rewards import RewardError, build_reward, parse_reward_opts
@@ -286,31 +286,15 @@ def ratio_statistics(records: list[tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 @torch.no_grad()
-def eval_rewards(backend, net, reward, held, sigmas, micro_batch, precision, device):
-    """(rewards, lat) of deterministic Euler samples of the fixed held-out set (common.evaluate.held_out: eval prompts
-    x fixed noise): rewards (n, M) on the host, every row of the set in the set's order, on every rank; lat: this
-    rank's latents. Under torchrun each rank samples its rows dist.strided_rows(n) (every world-th) and the rewards
-    are gathered back into the set's order (dist.gather_strided), as one process computes them."""
-    _, cond, noise = held
-    n = noise.shape[0]
-    rows = dist.strided_rows(n)
-    cond, noise = cond.select(rows), noise[rows]
-    with autocast(precision, device):
-        lat = sample_final(backend, net, cond, noise, sigmas, batch_size=micro_batch or None)
-    r = dist.gather_strided(reward(backend.decode(lat).float(), cond.prompts).float(), n).cpu()
-    return r, lat
-
-
-@torch.no_grad()
 def evaluate(backend, net, reward, held, sigmas, micro_batch, precision, device, save_dir=None):
-    """Mean reward per objective (and combined) over the held-out set (eval_rewards; a collective under torchrun:
-    call it on every rank): {name: float}. save_dir (points only): the samples of the whole set, in its order, to
-    save_dir/samples.pt (rank 0 writes)."""
-    r, lat = eval_rewards(backend, net, reward, held, sigmas, micro_batch, precision, device)
-    if save_dir and backend.media == "points":   # the demo draws them over the data density
-        everything = dist.gather_strided(lat, held[2].shape[0])     # every rank's rows (2-D points: small)
-        if dist.is_main():
-            save_samples(save_dir, everything, backend.target(0) if hasattr(backend, "target") else None)
+    """Mean reward per objective (and combined) over the held-out set (common.evaluate.held_out_rewards: eval
+    prompts x fixed noise, deterministic Euler; a collective under torchrun: call it on every rank): {name: float}.
+    save_dir (points only): the samples of the whole set, in its order, to save_dir/samples.pt (rank 0 writes)."""
+    r, lat = held_out_rewards(backend, net, reward, held[1], held[2], sigmas, batch_size=micro_batch or None,
+                              context=lambda: autocast(precision, device))   # r: (n, M), every row, the set's order
+    if save_dir and backend.media == "points":   # the demo draws them over the data density (rank 0 writes)
+        save_samples(save_dir, lat, backend.target(0) if hasattr(backend, "target") else None,
+                     n_total=held[2].shape[0])
     out = {n: float(r[:, m].mean()) for m, n in enumerate(reward.names)}
     out["combined"] = float(reward.combine(r).mean())
     return out

@@ -47,7 +47,7 @@ import torch
 from common.backend import calls_as, get_backend
 from common.config import ConfigError, RunConfig, opt, parse_config, user_errors
 from common import dist
-from common.evaluate import held_out, sample_final, save_samples
+from common.evaluate import held_out, held_out_rewards, sample_final, save_samples
 from common.flow import rollout
 from common.prompts import load_prompts
 from common.rewards import RewardError, build_reward, parse_reward_opts
@@ -168,11 +168,7 @@ def evaluate(backend, net, reward, ev, sigmas, cfg: Config) -> tuple[dict, torch
     Under torchrun every rank samples its share (dist.strided_rows) and the rewards are gathered: all ranks
     evaluate together, none waits in a collective while another samples (a Wan evaluation outlasts NCCL's timeout)."""
     _, cond, noise = ev
-    rows = dist.strided_rows(noise.shape[0])
-    cond = cond.select(rows)
-    lat = sample_final(backend, net, cond, noise[rows], sigmas, guidance=cfg.guidance, batch_size=cfg.eval_batch)
-    with torch.no_grad():
-        r = dist.gather_strided(reward(backend.decode(lat), cond.prompts).float(), noise.shape[0]).cpu()   # (n, M)
+    r, lat = held_out_rewards(backend, net, reward, cond, noise, sigmas, cfg.guidance, cfg.eval_batch)   # (n, M)
     scores = {n: float(r[:, m].mean()) for m, n in enumerate(reward.names)}
     means = torch.tensor([scores[n] for n in reward.names])
     # combine() is linear, so the combination of the means is the mean of the combined rewards
@@ -414,10 +410,8 @@ def final_eval(backend, net, teacher, base, reward, ev, sig_S, sig_T, cfg: Confi
     the base teacher's N-step outputs from the same noise: drift and collapse show here on every backend), and
     on 2-D points the KL / MMD against the base teacher."""
     ev_S, lat = evaluate(backend, net, reward, ev, sig_S, cfg)                 # lat: this rank's rows
-    if save_dir and backend.media == "points":   # the demo draws them over the data density
-        everything = dist.gather_strided(lat, ev[2].shape[0])
-        if dist.is_main():
-            save_samples(save_dir, everything, backend.target(0) if hasattr(backend, "target") else None)
+    if save_dir and backend.media == "points":   # the demo draws them over the data density (rank 0 writes)
+        save_samples(save_dir, lat, backend.target(0) if hasattr(backend, "target") else None, n_total=ev[2].shape[0])
     out = {"reward_student": ev_S["reward"], **{f"{k}_student": v for k, v in ev_S.items() if k != "reward"}}
     if lat_T0 is not None:
         out["dist_to_teacher"] = distance_to(lat, lat_T0)

@@ -74,6 +74,24 @@ def sample_final(backend, net, cond, noise: torch.Tensor, sigmas: torch.Tensor, 
     return torch.cat(outs, 0) if outs else noise[:0]
 
 
+@torch.no_grad()
+def held_out_rewards(backend, net, reward, cond, noise: torch.Tensor, sigmas: torch.Tensor,
+                     guidance: float | None = None, batch_size: int | None = None,
+                     context: Callable[[], ContextManager] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r, lat) of deterministic Euler samples on `sigmas` of a fixed held-out set (cond, noise: n rows): r (n, M),
+    every row's rewards in the set's order, on the host and on every rank; lat: this rank's final latents, rows
+    dist.strided_rows(n) (the whole set in one process). Under torchrun each rank samples its rows and the rewards
+    are gathered (a collective: call it on every rank; no rank waits while another samples). context: a factory of
+    the context the sampling runs in (e.g. --precision's autocast); decode and reward run outside it."""
+    n = noise.shape[0]
+    rows = dist.strided_rows(n)
+    cond = cond.select(rows)
+    with context() if context is not None else contextlib.nullcontext():
+        lat = sample_final(backend, net, cond, noise[rows], sigmas, guidance=guidance, batch_size=batch_size)
+    r = reward(backend.decode(lat), cond.prompts).float()
+    return dist.gather_strided(r, n).cpu(), lat
+
+
 def held_out(backend, n_per_prompt: int = 8, seed: int = 0, split: str = "eval",
              prompts: Sequence[str] | None = None):
     """The fixed evaluation set: (prompts (B,), cond (B,), noise (B, ...)) with B = len(prompts) * n_per_prompt.
@@ -129,10 +147,17 @@ def evaluate_models(backend, samplers: dict[str, Sampler], reward, cond, noise: 
     return rows
 
 
-def save_samples(out_dir: str, latents: torch.Tensor, target=None, n: int = 4096, name: str = "samples.pt") -> str:
+def save_samples(out_dir: str, latents: torch.Tensor, target=None, n: int = 4096, name: str = "samples.pt",
+                 n_total: int | None = None) -> str:
     """Keep a run's final evaluation samples (2-D points on the toy) with the density they aim at (an object with
-    log_prob, e.g. a toy GaussianMixture), so that reports can draw them over the target's contours."""
+    log_prob, e.g. a toy GaussianMixture), so that reports can draw them over the target's contours.
+    n_total: latents are this rank's rows (dist.strided_rows(n_total), held_out_rewards) of a set of n_total: they
+    are gathered into the set's order first (a collective: call it on every rank) and rank 0 writes."""
     path = os.path.join(out_dir, name)
+    if n_total is not None:
+        latents = dist.gather_strided(latents, n_total)
+        if not dist.is_main():
+            return path
     torch.save({"samples": latents.detach().float().cpu()[:n], "target": target}, path)
     return path
 

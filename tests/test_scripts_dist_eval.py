@@ -42,11 +42,14 @@ def _otca_trained(run: str):
 
 
 def otca_eval_rewards(run: str) -> torch.Tensor:
-    """otca.eval_rewards of the checkpoint in `run` on its held-out set (on every rank under torchrun)."""
-    import otca
+    """The rewards otca.evaluate averages (common.evaluate.held_out_rewards, as otca calls it) of the checkpoint in
+    `run` on its held-out set (on every rank under torchrun)."""
+    from common.evaluate import held_out_rewards
+    from common.train import autocast
     cfg, backend, reward, held, sigmas = _otca_trained(run)
-    return otca.eval_rewards(backend, backend.network, reward, held, sigmas, cfg.micro_batch, cfg.precision,
-                             backend.device)[0]
+    return held_out_rewards(backend, backend.network, reward, held[1], held[2], sigmas,
+                            batch_size=cfg.micro_batch or None,
+                            context=lambda: autocast(cfg.precision, backend.device))[0]
 
 
 def worker(rank: int, world: int, port: int, tmp: str) -> None:
