@@ -127,6 +127,14 @@ def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def _checkpoint_file(path: str) -> str | None:
+    """path itself (a checkpoint file), or a run directory's latest checkpoint; None for a directory without one."""
+    if not os.path.isdir(path):
+        return path
+    found = list_checkpoints(path)
+    return found[-1][1] if found else None
+
+
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu", method: str | None = None,
                     needs: Sequence[str] = ()) -> dict[str, Any]:
     """A checkpoint file, or the latest one of a run directory: {"step", "method", "config", "rng", "state"}.
@@ -137,11 +145,10 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu", method:
     (checkpoints from before the "method" field are checked by their state keys only).
     """
     from common.config import ConfigError
-    if os.path.isdir(path):
-        found = list_checkpoints(path)
-        if not found:
-            raise FileNotFoundError(2, "no checkpoint in run directory", os.path.join(path, "checkpoints"))
-        path = found[-1][1]
+    file = _checkpoint_file(path)
+    if file is None:
+        raise FileNotFoundError(2, "no checkpoint in run directory", os.path.join(path, "checkpoints"))
+    path = file
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     if method is not None:
         other = ckpt.get("method", method)
@@ -156,11 +163,9 @@ def checkpoint_config(path: str) -> dict[str, Any] | None:
     """The config saved in the checkpoint load_checkpoint(path) would load (a file, or a run directory's latest),
     read without loading its tensors (mmap); None when there is no readable checkpoint there (load_checkpoint then
     says why)."""
-    if os.path.isdir(path):
-        found = list_checkpoints(path)
-        if not found:
-            return None
-        path = found[-1][1]
+    path = _checkpoint_file(path)
+    if path is None:
+        return None
     try:
         config = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("config")
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, AttributeError):
