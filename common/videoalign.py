@@ -64,6 +64,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# CLIP_MEAN / CLIP_STD: Qwen2-VL's processor normalises with OpenAI CLIP's statistics
+from common.reward_models import CLIP_MEAN, CLIP_STD, _from_pretrained, _weights_dir
 from common.rewards import Reward, RewardError, RewardWeightsMissing
 
 log = logging.getLogger(__name__)
@@ -78,8 +80,6 @@ TEMPLATE_CONSTANTS = {"detailed_special": "DETAILED_PROMPT_WITH_SPECIAL_TOKEN", 
 FRAME_FACTOR, FPS_MIN_FRAMES, FPS_MAX_FRAMES = 2, 4, 768   # qwen-vl-utils' video sampling constants
 VIDEO_MIN_PIXELS = 128 * 28 * 28                             # ... and its per-frame pixel floor for videos
 DEFAULT_SOURCE_FPS = 16.0                                    # Wan2.1 videos are exported at 16 fps
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)             # Qwen2-VL's processor normalises with OpenAI CLIP's
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # reference DataConfig defaults, used where model_config.json leaves a field out
 DATA_DEFAULTS = {"fps": 2.0, "num_frames": None, "max_frame_pixels": 240 * 320, "sample_type": "uniform",
                  "prompt_template_type": "none"}
@@ -500,10 +500,6 @@ def read_checkpoint(ckpt: Path) -> dict[str, torch.Tensor]:
 
 # ----- locating the files -----------------------------------------------------------------------------------
 
-def _weights_dir() -> Path:
-    return Path(os.environ.get("REWARD_WEIGHTS_DIR", Path.home() / ".cache" / "reward_weights"))
-
-
 def reward_folder(value: str | None) -> Path:
     """The VideoReward folder: option, $VIDEOALIGN_PATH, $REWARD_WEIGHTS_DIR/VideoReward, the hub cache."""
     how = (f"download it with `huggingface-cli download {HUB_REWARD} --local-dir DIR` and set VIDEOALIGN_PATH=DIR "
@@ -589,8 +585,6 @@ def load_videoreward(path: str | None = None, base: str | None = None, template:
     the tokenizer with the three reward tokens (checkpoint-<step>/tokenizer/ if shipped, else the base one plus
     the tokens), the token embeddings resized to it, rm_head, then the checkpoint's tensors with the LoRA merged."""
     from transformers import AutoProcessor, AutoTokenizer, Qwen2VLForConditionalGeneration
-
-    from common.reward_models import _from_pretrained
 
     folder = reward_folder(path)
     with open(folder / "model_config.json") as f:
